@@ -1,0 +1,156 @@
+"""02 · Tile the DLBCL-Morph H&E TMA slides into 96x96 patches at PCam's scale (thesis §5.1.2).
+
+Reads (data.dlbcl_dir), the release as published:
+    TMA/annotations.csv          7 columns in order: patient id, tma_id, stain, xs, ys, xe, ye
+                                 (ROI boxes in level-0 pixels); rows of other stains are ignored
+    TMA/<stain>/<tma_id>.svs     the slides (OpenSlide), µm/px from openslide.mpp-x
+Writes (runs/<run>/02_tile_dlbcl/):
+    dlbcl.h5                     patch set: y = 1 inside an ROI (lymphoma), 0 tissue outside every
+                                 ROI (the thesis's "remaining areas"); group = patient id; coords level-0
+    overview/<tma_id>.png        thumbnail with ROIs, kept (green) and rejected (red) patch boxes
+    summary.json                 counts per slide, and every skipped row or slide with its reason
+
+Usage:
+    python 02_tile_dlbcl.py --config config.yaml [--set tile_dlbcl.mpp_override=0.25]
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from common import cli, slides
+from common.config import UserError
+from common.patchset import PatchSetWriter, provenance, step_dir, write_summary
+
+STEP = "02_tile_dlbcl"
+
+
+def read_annotations(path: Path, stain: str) -> tuple[dict[str, list], list[dict]]:
+    """ROIs of one stain grouped by tma_id, and the rows skipped as malformed.
+
+    Returns:
+        ({tma_id: [(row_number, patient_id, (xs, ys, xe, ye)), ...]}, [{item, reason}, ...])
+    """
+    if not path.is_file():
+        raise UserError(f"annotations not found: {path} (expected the DLBCL-Morph layout TMA/annotations.csv)")
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    has_header = bool(rows) and len(rows[0]) >= 7 and not _is_number(rows[0][3])
+    by_slide: dict[str, list] = {}
+    skipped = []
+    for number, row in enumerate(rows[has_header:], start=1 + has_header):
+        if len(row) < 7 or not all(_is_number(v) for v in row[3:7]):
+            skipped.append({"item": f"annotations.csv row {number}", "reason": f"malformed row {row!r}"})
+            continue
+        if row[2].strip() != stain:
+            continue
+        box = tuple(int(float(v)) for v in row[3:7])
+        by_slide.setdefault(row[1].strip(), []).append((number, row[0].strip(), box))
+    return by_slide, skipped
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def tile_one(job: dict) -> dict:
+    """Tile one slide in a worker process (each worker opens its own slide)."""
+    t = job["params"]
+    rois = job["rois"]
+    try:
+        result = slides.tile_slide(
+            job["path"], np.array([r[2] for r in rois], np.int64).reshape(-1, 4),
+            [f"{job['tma_id']} row {r[0]}" for r in rois], [r[1] for r in rois],
+            target_mpp=t["target_mpp"], patch_size_px=t["patch_size_px"], mpp_override=t["mpp_override"],
+            allow_objective_power=t["allow_objective_power"], max_read_px=t["max_read_px"],
+            quality={"hue_range": None, "saturation_range": t["saturation_range"],
+                     "value_range": t["value_range"]},
+            negatives=t["negatives"])
+    except slides.SlideError as err:
+        return {"tma_id": job["tma_id"], "error": str(err)}
+    slides.save_overview(job["overview"], result, np.array([r[2] for r in rois], np.int64).reshape(-1, 4))
+    result.pop("thumbnail", None)
+    return {"tma_id": job["tma_id"], **result}
+
+
+def balance(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Indices of a 50/50 subsample (the larger class subsampled), sorted."""
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    n = min(len(pos), len(neg))
+    if n == 0:
+        return np.arange(len(y))
+    return np.sort(np.concatenate([rng.choice(pos, n, replace=False), rng.choice(neg, n, replace=False)]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.time()
+    cfg, _ = cli.start(argv, __doc__, STEP)
+    t = cfg["tile_dlbcl"]
+    tma = Path(cfg["data"]["dlbcl_dir"]) / "TMA"
+    out = step_dir(cfg, STEP)
+    (out / "overview").mkdir(exist_ok=True)
+    by_slide, skipped = read_annotations(tma / "annotations.csv", t["stain"])
+    if not by_slide:
+        raise UserError(f"{tma / 'annotations.csv'} has no rows with stain {t['stain']!r} (tile_dlbcl.stain)")
+    print(f"   input {tma}: {sum(map(len, by_slide.values()))} {t['stain']} ROIs on {len(by_slide)} slides")
+
+    jobs = []
+    for tma_id, rois in sorted(by_slide.items()):
+        path = tma / t["stain"] / f"{tma_id}.svs"
+        if not path.is_file():
+            skipped.append({"item": f"slide {tma_id}", "reason": f"missing slide file {path}"})
+            continue
+        jobs.append({"tma_id": tma_id, "path": str(path), "rois": rois, "params": t,
+                     "overview": str(out / "overview" / f"{tma_id}.png")})
+
+    # ---- tile the slides in parallel; collect patches in slide order
+    results = []
+    with ProcessPoolExecutor(max_workers=min(t["workers"], max(1, len(jobs)))) as pool:
+        for res in tqdm(pool.map(tile_one, jobs), total=len(jobs), desc="tile slides", unit="slide"):
+            results.append(res)
+    per_slide, parts = {}, []
+    for res in results:
+        if "error" in res:
+            skipped.append({"item": f"slide {res['tma_id']}", "reason": res["error"]})
+            continue
+        skipped += res["skipped"]
+        per_slide[res["tma_id"]] = {"level": res["level"], "counts": res["counts"], "kept": len(res["y"])}
+        parts.append(res)
+
+    n_total = sum(len(p["y"]) for p in parts)
+    if n_total == 0:
+        write_summary(out, STEP, cfg, started, slides=per_slide, n_patches=0, skipped=skipped)
+        print(f"error: no patches from {len(jobs)} slides; see {out / 'summary.json'}", file=sys.stderr)
+        return 1
+    x = np.concatenate([p["x"] for p in parts])
+    y = np.concatenate([p["y"] for p in parts]).astype(np.uint8)
+    group = np.concatenate([p["group"] for p in parts])
+    coords = np.concatenate([p["coords"] for p in parts])
+    keep = balance(y, np.random.default_rng(cfg["run"]["seed"])) if t["balance"] else np.arange(len(y))
+
+    with PatchSetWriter(out / "dlbcl.h5", source="dlbcl", split="all", mpp=t["target_mpp"],
+                        provenance=provenance(cfg, STEP), patch_size_px=t["patch_size_px"]) as writer:
+        writer.append(x[keep], y[keep], group[keep], coords[keep])
+    n_pos, n_neg = int((y[keep] == 1).sum()), int((y[keep] == 0).sum())
+    write_summary(out, STEP, cfg, started, slides=per_slide, n_patches=len(keep), n_positive=n_pos,
+                  n_negative=n_neg, n_before_balance=n_total, skipped=skipped)
+    print(f"   wrote {len(keep)} patches ({n_pos} lymphoma, {n_neg} negative) from {len(parts)} slides; "
+          f"{len(skipped)} items skipped (see summary.json)")
+    for item in skipped[:10]:
+        print(f"   skipped {item['item']}: {item['reason']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

@@ -1,0 +1,109 @@
+"""03 · Stain-normalise both datasets to one reference (Macenko, Vahadane, Reinhard; thesis §5.1.1).
+
+Reads:
+    runs/<run>/01_filter_pcam/{train,valid,test}.h5   (PCam patch sets)
+    runs/<run>/02_tile_dlbcl/dlbcl.h5                 (DLBCL patch set)
+    normalize.reference                               a reference image, or `auto`
+Writes (runs/<run>/03_normalize/):
+    <method>/{pcam_train,pcam_valid,pcam_test,dlbcl}.h5   one folder per method (`none` = unchanged)
+    <method>/normalizer.json                            the fitted normaliser (reload: stain.load_normalizer)
+    reference.png                                       the reference patch or image
+    before_after.png                                    samples of both sources under every method
+    summary.json                                        patches per file, and how many were left
+                                                        unchanged (too little tissue to estimate stains)
+
+Reference `auto`: `stain.choose_reference` picks one PCam training patch by a documented rule
+(tissue-rich, typical stain), so both datasets move to PCam's colours.
+
+Usage:
+    python 03_normalize.py --config config.yaml [--set normalize.methods=[macenko]]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from common import cli, plots, stain
+from common.config import UserError
+from common.patchset import (
+    PatchSet,
+    provenance,
+    read_patch_set,
+    require_step,
+    step_dir,
+    write_json,
+    write_patch_set,
+    write_summary,
+)
+
+STEP = "03_normalize"
+
+
+def load_reference(cfg: dict, pcam_train: PatchSet) -> tuple[np.ndarray, str]:
+    """The uint8 (H, W, 3) RGB reference and a description of where it came from."""
+    ref = cfg["normalize"]["reference"]
+    if ref != "auto":
+        image = cv2.imread(ref, cv2.IMREAD_COLOR)
+        if image is None:
+            raise UserError(f"config key normalize.reference = {ref!r}: not a readable image")
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), ref
+    rng = np.random.default_rng(cfg["run"]["seed"])
+    sample = np.sort(rng.choice(len(pcam_train), min(2000, len(pcam_train)), replace=False))
+    chosen = int(sample[stain.choose_reference(pcam_train.x[sample], cfg["run"]["seed"])])
+    return pcam_train.x[chosen], f"auto: PCam train patch {chosen}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.time()
+    cfg, device = cli.start(argv, __doc__, STEP)
+    nc = cfg["normalize"]
+    inputs = {f"pcam_{s}": require_step(cfg, "01_filter_pcam") / f"{s}.h5" for s in ("train", "valid", "test")}
+    inputs["dlbcl"] = require_step(cfg, "02_tile_dlbcl") / "dlbcl.h5"
+    out = step_dir(cfg, STEP)
+    sets = {name: read_patch_set(path) for name, path in inputs.items()}
+    if len(sets["pcam_train"]) == 0:
+        raise UserError(f"{inputs['pcam_train']} holds no patches")
+    reference, ref_from = load_reference(cfg, sets["pcam_train"])
+    plots.contact_sheet(out / "reference.png", reference[None] if reference.shape[0] <= 256 else
+                        cv2.resize(reference, (256, 256), interpolation=cv2.INTER_AREA)[None])
+    print(f"   reference {ref_from}; fit scope {nc['fit_scope']}; methods {', '.join(nc['methods'])}")
+
+    rng = np.random.default_rng(cfg["run"]["seed"])
+    show = {src: np.sort(rng.choice(len(sets[f]), min(8, len(sets[f])), replace=False))
+            for src, f in (("pcam", "pcam_train"), ("dlbcl", "dlbcl"))}
+    rows, counts = [], {}
+    for method in nc["methods"]:
+        folder = out / method
+        normalizer = stain.make_normalizer(method, fit_scope=nc["fit_scope"]).fit(reference)
+        folder.mkdir(exist_ok=True)
+        write_json(folder / "normalizer.json", {"reference": ref_from, "state": normalizer.to_json()})
+        counts[method] = {}
+        for name, ps in tqdm(sets.items(), desc=f"normalise {method}", unit="set"):
+            t0 = time.time()
+            x = normalizer.transform(ps.x, groups=ps.group, device=str(device)) if len(ps) else ps.x
+            if x.shape != ps.x.shape or x.dtype != np.uint8:
+                raise RuntimeError(f"{method} returned {x.dtype} {x.shape} for {ps.x.shape}")
+            attrs = {**ps.attrs, "provenance": provenance(cfg, STEP)}
+            write_patch_set(folder / f"{name}.h5", PatchSet(x, ps.y, ps.group, ps.coords, attrs))
+            seconds = time.time() - t0
+            counts[method][name] = {"n": len(ps), "unchanged": int(normalizer.n_unchanged if len(ps) else 0),
+                                    "patches_per_s": round(len(ps) / max(seconds, 1e-9), 1)}
+            for src, f in (("pcam", "pcam_train"), ("dlbcl", "dlbcl")):
+                if name == f:
+                    rows.append((f"{src} · {method}", x[show[src]]))
+        done = ", ".join(f"{k} {v['n']} ({v['unchanged']} unchanged)" for k, v in counts[method].items())
+        print(f"   {method}: {done}")
+    rows.sort(key=lambda r: (r[0].split(" · ")[0] != "pcam", nc["methods"].index(r[0].split(" · ")[1])))
+    plots.labelled_rows(out / "before_after.png", rows)
+    write_summary(out, STEP, cfg, started, reference=ref_from, methods=counts)
+    print(f"   wrote {out} (figure: {out / 'before_after.png'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

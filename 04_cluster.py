@@ -1,0 +1,136 @@
+"""04 · Do the two datasets mix? K-means on the negatives of both sources (thesis §4.4, §5.3, §6.1).
+
+For each feature set (linearised pixels; ResNet-18 penultimate features) and each stain method:
+PCA (cluster.pca_components, thesis: 2) -> K-means (k = 2, k-means++) -> Hungarian matching of
+clusters to sources -> accuracy, silhouette, ARI, NMI. Accuracy near 0.5 and ARI near 0 mean the
+sources mix. A far more sensitive check is added: the domain probe, a cross-validated logistic
+regression predicting the source from the full features (balanced accuracy; 0.5 = indistinguishable).
+
+Reads:  runs/<run>/03_normalize/<method>/{pcam_train,dlbcl}.h5 (negatives only)
+Writes (runs/<run>/04_cluster/):
+    metrics.json      {"rows": [{features, method, accuracy, silhouette, ari, nmi, domain_probe}, ...]}
+    assignments.csv   features,method,index,source,cluster — every metric recomputes from it
+    table.md          the thesis's layout, its numbers beside ours
+    scatter_<features>_<method>.png   PCA scatter by source and by cluster, density per source
+    features/<features>_<method>.npy  cached features
+    summary.json
+
+Usage:
+    python 04_cluster.py --config config.yaml [--set cluster.n_per_source=1000]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.decomposition import PCA
+
+from common import cli, metrics, models, plots
+from common.patchset import atomic_path, require_step, step_dir, write_json, write_summary
+
+STEP = "04_cluster"
+# Thesis §6.1 (ResNet-18 ImageNet features; "after" = stain-normalised, Macenko best)
+THESIS = {("pixels", "none"): (0.512, None, 0.009), ("resnet18", "none"): (0.723, None, 0.198),
+          ("resnet18", "macenko"): (0.534, None, 0.004)}
+PROBE_MAX_DIM = 2048  # linearised pixels (27,648-d) are PCA-reduced to 128-d for the probe
+
+
+def sample_negatives(folder: Path, n_per_source: int, seed: int) -> dict[str, np.ndarray]:
+    """Seeded indices of negatives per source file; the same for every method (03 keeps order)."""
+    rng = np.random.default_rng(seed)
+    index = {}
+    for stem in ("pcam_train", "dlbcl"):
+        with h5py.File(folder / f"{stem}.h5", "r") as f:
+            neg = np.flatnonzero(f["y"][:] == 0)
+        index[stem] = np.sort(rng.choice(neg, min(n_per_source, len(neg)), replace=False))
+    return index
+
+
+def load_negatives(folder: Path, index: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    xs, src = [], []
+    for stem, idx in index.items():
+        with h5py.File(folder / f"{stem}.h5", "r") as f:
+            xs.append(f["x"][idx])
+        src.append(np.full(len(idx), stem.split("_")[0]))
+    return np.concatenate(xs), np.concatenate(src)
+
+
+def features_for(kind: str, x: np.ndarray, extractor, batch_size: int, device) -> np.ndarray:
+    if kind == "pixels":
+        return x.reshape(len(x), -1).astype(np.float32) / 255
+    return models.extract_features(extractor, x, models.IMAGENET_MEAN, models.IMAGENET_STD,
+                                   batch_size=batch_size, device=str(device))
+
+
+def analyse(feats: np.ndarray, source: np.ndarray, cc: dict, seed: int) -> tuple[dict, np.ndarray, np.ndarray]:
+    """PCA -> K-means -> metrics on the PCA points; domain probe on the full features."""
+    points = PCA(n_components=min(cc["pca_components"], *feats.shape), random_state=seed).fit_transform(feats)
+    cluster = KMeans(n_clusters=2, init="k-means++", n_init=cc["n_init"], random_state=seed).fit_predict(points)
+    truth = (source == "dlbcl").astype(int)
+    row = metrics.cluster_metrics(points, truth, cluster, seed=seed)
+    probe_feats = feats if feats.shape[1] <= PROBE_MAX_DIM else PCA(128, random_state=seed).fit_transform(feats)
+    row["domain_probe"] = metrics.domain_probe(probe_feats, truth, seed=seed)
+    return row, points, cluster
+
+
+def thesis_table(rows: list[dict]) -> str:
+    lines = ["| Features | Method | Accuracy | Silhouette | ARI | NMI | Domain probe | Thesis acc / ARI |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = THESIS.get((r["features"], r["method"]))
+        ref_text = f"{ref[0]:.3f} / {ref[2]:.3f}" if ref else "–"
+        lines.append(f"| {r['features']} | {r['method']} | {r['accuracy']:.3f} | {r['silhouette']:.3f} | "
+                     f"{r['ari']:.3f} | {r['nmi']:.3f} | {r['domain_probe']:.3f} | {ref_text} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.time()
+    cfg, device = cli.start(argv, __doc__, STEP)
+    cc, seed = cfg["cluster"], cfg["run"]["seed"]
+    norm = require_step(cfg, "03_normalize")
+    methods = [m for m in cfg["normalize"]["methods"] if (norm / m / "dlbcl.h5").is_file()]
+    out = step_dir(cfg, STEP)
+    (out / "features").mkdir(exist_ok=True)
+    index = sample_negatives(norm / methods[0], cc["n_per_source"], seed)
+    print(f"   negatives: {len(index['pcam_train'])} PCam, {len(index['dlbcl'])} DLBCL; methods {methods}")
+    extractor = None
+    if "resnet18" in cc["features"]:
+        extractor = models.penultimate(models.build_model("resnet18", 1000, cc["weights"]))
+
+    rows, assignments = [], []
+    for method in methods:
+        x, source = load_negatives(norm / method, index)
+        for kind in cc["features"]:
+            cache = out / "features" / f"{kind}_{method}.npy"
+            feats = features_for(kind, x, extractor, cc["batch_size"], device)
+            if kind != "pixels":
+                with atomic_path(cache) as tmp, open(tmp, "wb") as f:
+                    np.save(f, feats)
+            row, points, cluster = analyse(feats, source, cc, seed)
+            rows.append({"features": kind, "method": method, **row})
+            n = len(source)
+            assignments.append(np.column_stack([np.full(n, kind), np.full(n, method), np.arange(n), source, cluster]))
+            plots.cluster_scatter(out / f"scatter_{kind}_{method}.png", points, source, cluster, f"{kind} · {method}")
+            print(f"   {kind:8s} {method:9s} acc {row['accuracy']:.3f}  ARI {row['ari']:.3f}  "
+                  f"silhouette {row['silhouette']:.3f}  probe {row['domain_probe']:.3f}")
+
+    with atomic_path(out / "assignments.csv") as tmp:
+        np.savetxt(tmp, np.concatenate(assignments), fmt="%s", delimiter=",", comments="",
+                   header="features,method,index,source,cluster")
+    write_json(out / "metrics.json", {"rows": rows})
+    table = thesis_table(rows)
+    with atomic_path(out / "table.md") as tmp:
+        Path(tmp).write_text("# Clustering of negatives (K-means, k = 2, Hungarian matching)\n\n" + table)
+    write_summary(out, STEP, cfg, started, rows=rows, n_per_source={k: len(v) for k, v in index.items()})
+    print("\n" + table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

@@ -1,0 +1,107 @@
+"""06 · Evaluate a trained experiment on its held-out test split and regenerate the thesis's Tables 1-2.
+
+Reads:  runs/<run>/05_train/<experiment>/{split.csv, experiment.json, <evaluate.checkpoint>.pt}
+        runs/<run>/03_normalize/<method>/*.h5
+Writes (runs/<run>/06_evaluate/<experiment>/):
+    metrics.json      accuracy, balanced_accuracy, auc, per_class P/R/F1, confusion_matrix,
+                      bootstrap 95 % CIs, and for `mixed` a per-source breakdown
+    predictions.csv   file, index, group, source, label, p_<class> per class, pred
+    roc.png, confusion.png
+    tables.md         Table 1 (binary) or Table 2 (mixed) layout, the thesis's values beside ours
+    summary.json
+
+Usage:
+    python 06_evaluate.py --config config.yaml --set train.task=mixed [--set evaluate.tta=true]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import cli, data, engine, metrics, plots
+from common.patchset import atomic_path, require_step, step_dir, write_json, write_summary
+
+STEP = "06_evaluate"
+# Thesis Tables 1-2: (task, model) -> {class: (P, R, F1)} and accuracy, in %
+THESIS = {
+    ("pcam", "resnet18"): ({"metastasis": (94.9, 77.2, 85.1), "negative": (80.8, 95.8, 87.7)}, 86.5),
+    ("pcam", "resnet50"): ({"metastasis": (91.7, 71.6, 80.4), "negative": (76.7, 93.5, 84.3)}, 82.5),
+    ("dlbcl", "resnet18"): ({"lymphoma": (92.5, 99.0, 95.7), "negative": (98.9, 92.0, 95.3)}, 95.5),
+    ("dlbcl", "resnet50"): ({"lymphoma": (78.1, 99.4, 87.5), "negative": (99.2, 72.2, 83.6)}, 85.8),
+    ("mixed", "resnet18"): ({"breast": (96.5, 89.4, 92.8), "lymphoma": (74.1, 97.4, 84.2),
+                             "negative": (92.5, 81.4, 86.6)}, 87.4),
+    ("mixed", "resnet50"): ({"breast": (98.0, 86.2, 91.7), "lymphoma": (60.4, 97.4, 74.6),
+                             "negative": (89.4, 67.4, 76.9)}, 79.6),
+}
+
+
+def thesis_table(task: str, model: str, m: dict) -> str:
+    """One row for us and one for the thesis, in Table 1 (binary) or Table 2 (mixed) layout."""
+    classes = ["breast", "lymphoma", "negative"] if task == "mixed" else [data.CLASS_NAMES[task][1], "negative"]
+    heads = ["Positive" if c != "negative" and task != "mixed" else c.capitalize() for c in classes]
+    title = "Table 2 (3-class, mixed)" if task == "mixed" else f"Table 1 (binary, {task})"
+    lines = [f"## {title}", "", "| | Model | " + " | ".join(f"{h} P/R/F1" for h in heads) + " | Accuracy |",
+             "|---|---|" + "---|" * (len(classes) + 1)]
+    ours = " | ".join("/".join(f"{100 * m['per_class'][c][k]:.1f}" for k in ("precision", "recall", "f1"))
+                      for c in classes)
+    lines.append(f"| ours | {model} | {ours} | {100 * m['accuracy']:.1f} |")
+    if (task, model) in THESIS:
+        ref, acc = THESIS[(task, model)]
+        lines.append(f"| thesis | {model} | " + " | ".join("/".join(f"{v:.1f}" for v in ref[c]) for c in classes)
+                     + f" | {acc:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_predictions(path: Path, test: data.Split, probs: np.ndarray, class_names: list[str]) -> None:
+    columns = ["file", "index", "group", "source", "label", *[f"p_{c}" for c in class_names], "pred"]
+    table = np.column_stack([test.file, test.index, test.group, test.source, test.label,
+                             *[np.char.mod("%.8f", probs[:, k]) for k in range(probs.shape[1])],
+                             probs.argmax(1)])
+    with atomic_path(path) as tmp:
+        np.savetxt(tmp, table, fmt="%s", delimiter=",", comments="", header=",".join(columns))
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.time()
+    cfg, device = cli.start(argv, __doc__, STEP)
+    ec, seed = cfg["evaluate"], cfg["run"]["seed"]
+    model, meta, cols = engine.load_experiment(cfg, ec["checkpoint"])
+    model.to(device)
+    folder = step_dir(cfg, STEP) / engine.experiment_name(cfg)
+    folder.mkdir(exist_ok=True)
+    source = require_step(cfg, "03_normalize") / meta["method"]
+    test = data.load_split(cols, "test", source)
+    class_names = meta["class_names"]
+    print(f"   experiment {folder.name}: {len(test)} test patches, checkpoint {ec['checkpoint']}, tta {ec['tta']}")
+
+    logits = engine.predict_logits(model, test.x, meta["mean"], meta["std"], device, tta=ec["tta"])
+    probs = engine.probabilities(logits).numpy().astype(np.float64)
+    m = metrics.classification_metrics(test.label, probs, class_names)
+    m["ci95"] = metrics.bootstrap_ci(test.label, probs, class_names, n_boot=ec["n_bootstrap"], seed=seed)
+    if meta["task"] == "mixed":
+        m["per_source"] = {src: {"n": int((test.source == src).sum()),
+                                 "accuracy": float((probs.argmax(1) == test.label)[test.source == src].mean())}
+                           for src in np.unique(test.source)}
+    m |= {"n_test": len(test), "checkpoint": ec["checkpoint"], "tta": ec["tta"], "class_names": class_names}
+    write_predictions(folder / "predictions.csv", test, probs, class_names)
+    write_json(folder / "metrics.json", m)
+    plots.roc_curves(folder / "roc.png", metrics.roc_points(test.label, probs, class_names), folder.name)
+    plots.confusion(folder / "confusion.png", np.array(m["confusion_matrix"]), class_names, folder.name)
+    table = thesis_table(meta["task"], meta["model"], m)
+    with atomic_path(folder / "tables.md") as tmp:
+        tmp.write_text(table)
+    write_summary(folder, STEP, cfg, started, experiment=folder.name, accuracy=m["accuracy"], auc=m["auc"])
+    done = sorted(p.parent.name for p in folder.parent.glob("*/summary.json"))
+    write_summary(folder.parent, STEP, cfg, started, experiments=done)
+    ci = m["ci95"]["accuracy"]
+    print(f"   accuracy {m['accuracy']:.4f} (95 % CI {ci[0]:.4f}-{ci[1]:.4f})  balanced "
+          f"{m['balanced_accuracy']:.4f}  AUC {m['auc']:.4f}\n\n{table}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

@@ -1,0 +1,128 @@
+"""07 · Where does the model look? Grad-CAM on test patches (thesis §6.3, Figure 15), as pictures and as
+a number: the fraction of CAM mass inside the centre 32x32 px (PCam's label region). A uniform map
+gives 32²/96² ≈ 0.111; the thesis saw PCam models look at the centre and DLBCL models not.
+
+Reads:  runs/<run>/05_train/<experiment>/ (model, split), runs/<run>/06_evaluate/<experiment>/predictions.csv
+Writes (runs/<run>/07_gradcam/<experiment>/):
+    grid_<source>.png   rows of (true class -> predicted class) cells: patch, then its CAM overlay
+    cam_stats.json      centre-mass fraction per source and true class (mean, std, n), and per outcome
+    cam_stats.md        the same as a short table
+    summary.json
+
+Usage:
+    python 07_gradcam.py --config config.yaml --set train.task=pcam
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from common import cli, engine, gradcam, models, plots
+from common.config import UserError
+from common.patchset import atomic_path, require_step, step_dir, write_json, write_summary
+
+STEP = "07_gradcam"
+STATS_PER_CELL = 256  # patches per (source, class) for the centre-mass statistic
+
+
+def read_predictions(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise UserError(f"{path} is missing: run `python 06_evaluate.py` for this experiment first")
+    table = np.loadtxt(path, delimiter=",", dtype=str, ndmin=2)
+    cols = dict(zip(table[0], table[1:].T, strict=True))
+    for key in ("index", "label", "pred"):
+        cols[key] = cols[key].astype(np.int64)
+    return cols
+
+
+def load_patches(folder: Path, file: np.ndarray, index: np.ndarray) -> np.ndarray:
+    x = np.empty((len(index), 96, 96, 3), np.uint8)
+    for stem in np.unique(file):
+        at = np.flatnonzero(file == stem)
+        order = at[np.argsort(index[at])]
+        with h5py.File(folder / f"{stem}.h5", "r") as f:
+            rows, inverse = np.unique(index[order], return_inverse=True)
+            x[order] = f["x"][rows][inverse]
+    return x
+
+
+def cams_for(model, x: np.ndarray, meta: dict, device, batch_size: int = 64) -> np.ndarray:
+    """Grad-CAM maps float32 (N, 96, 96) for the predicted class, in batches."""
+    mean = torch.as_tensor(meta["mean"], device=device)
+    std = torch.as_tensor(meta["std"], device=device)
+    layer = gradcam.default_target_layer(model)
+    out = [gradcam.grad_cam(model, models.to_input(torch.from_numpy(x[s:s + batch_size]).to(device), mean, std,
+                                                   False), layer)
+           for s in range(0, len(x), batch_size)]
+    return np.concatenate(out) if out else np.empty((0, *x.shape[1:3]), np.float32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.time()
+    cfg, device = cli.start(argv, __doc__, STEP)
+    gc, seed = cfg["gradcam"], cfg["run"]["seed"]
+    model, meta, _ = engine.load_experiment(cfg, cfg["evaluate"]["checkpoint"])
+    model.to(device)
+    name = engine.experiment_name(cfg)
+    pred = read_predictions(require_step(cfg, "06_evaluate") / name / "predictions.csv")
+    source_dir = require_step(cfg, "03_normalize") / meta["method"]
+    folder = step_dir(cfg, STEP) / name
+    folder.mkdir(exist_ok=True)
+    classes = meta["class_names"]
+    rng = np.random.default_rng(seed)
+
+    # ---- the centre-mass statistic on a seeded sample per (source, true class)
+    stats, per_outcome = {}, {}
+    for src in np.unique(pred["source"]):
+        for k, cls in enumerate(classes):
+            pick = np.flatnonzero((pred["source"] == src) & (pred["label"] == k))
+            if len(pick) == 0:
+                continue
+            pick = np.sort(rng.permutation(pick)[:STATS_PER_CELL])
+            cams = cams_for(model, load_patches(source_dir, pred["file"][pick], pred["index"][pick]), meta, device)
+            frac = gradcam.cam_center_fraction(cams, gc["center_px"])
+            stats[f"{src}/{cls}"] = {"mean": float(frac.mean()), "std": float(frac.std()), "n": len(pick)}
+            for j, pc in enumerate(classes):
+                sel = pred["pred"][pick] == j
+                if sel.any():
+                    per_outcome[f"{src}/{cls}->{pc}"] = {"mean": float(frac[sel].mean()), "n": int(sel.sum())}
+    uniform = gc["center_px"] ** 2 / 96**2
+    write_json(folder / "cam_stats.json", {"center_px": gc["center_px"], "uniform": uniform,
+                                           "per_source_class": stats, "per_outcome": per_outcome})
+    lines = [f"| source / true class | centre-mass fraction (uniform = {uniform:.3f}) | n |", "|---|---|---|"]
+    lines += [f"| {key} | {v['mean']:.3f} ± {v['std']:.3f} | {v['n']} |" for key, v in stats.items()]
+    with atomic_path(folder / "cam_stats.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+    # ---- grids: per source, one row per (true -> predicted) cell, patches then overlays (Figure 15)
+    grids = []
+    for src in np.unique(pred["source"]):
+        rows = []
+        for k, cls in enumerate(classes):
+            for j, pc in enumerate(classes):
+                pick = np.flatnonzero((pred["source"] == src) & (pred["label"] == k) & (pred["pred"] == j))
+                if len(pick) == 0:
+                    continue
+                pick = np.sort(rng.permutation(pick)[: gc["n_per_cell"]])
+                x = load_patches(source_dir, pred["file"][pick], pred["index"][pick])
+                overlay = gradcam.overlay(x, cams_for(model, x, meta, device))
+                outcome = "correct" if k == j else "wrong"
+                rows.append((f"{src} · true {cls} → predicted {pc} ({outcome})", np.concatenate([x, overlay])))
+        if rows:
+            grids.append(str(plots.labelled_rows(folder / f"grid_{src}.png", rows, ncols=2 * gc["n_per_cell"])))
+    write_summary(folder, STEP, cfg, started, experiment=name, cam_stats=stats, grids=grids)
+    done = sorted(p.parent.name for p in folder.parent.glob("*/summary.json"))
+    write_summary(folder.parent, STEP, cfg, started, experiments=done)
+    print("\n".join(lines))
+    print(f"   wrote {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

@@ -1,0 +1,94 @@
+"""common/data.py: leak-free splits, the mixed task, batches, statistics and augmentation."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common import data
+from common.patchset import PatchSet, write_patch_set
+
+
+def write_sources(folder: Path, n_pcam: int = 120, n_dlbcl: int = 200, patients: int = 20) -> None:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_pcam), ("valid", n_pcam // 4), ("test", n_pcam // 4)):
+        write_patch_set(folder / f"pcam_{split}.h5", PatchSet(
+            rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8), (np.arange(n) % 2).astype(np.uint8),
+            np.array([f"{split}_wsi_{i % 5}" for i in range(n)]), np.full((n, 2), -1), {"source": "pcam"}))
+    write_patch_set(folder / "dlbcl.h5", PatchSet(
+        rng.integers(0, 256, (n_dlbcl, 96, 96, 3), dtype=np.uint8), (np.arange(n_dlbcl) % 2).astype(np.uint8),
+        np.array([f"patient_{i % patients}" for i in range(n_dlbcl)]), np.full((n_dlbcl, 2), -1),
+        {"source": "dlbcl"}))
+
+
+def groups_by_split(cols):
+    return {s: set(cols["group"][cols["split"] == s]) for s in data.SPLITS}
+
+
+@pytest.mark.parametrize("task", ["dlbcl", "mixed"])
+def test_grouped_split_has_no_overlap(tmp_path, task):
+    write_sources(tmp_path)
+    cols = data.make_split(task, tmp_path, "grouped", [0.8, 0.1, 0.1], 90, seed=3)
+    g = groups_by_split(cols)
+    assert not (g["train"] & g["valid"]) and not (g["train"] & g["test"]) and not (g["valid"] & g["test"])
+    assert all(g[s] for s in data.SPLITS)
+
+
+def test_random_split_reproduces_the_thesis_leak(tmp_path):
+    write_sources(tmp_path)
+    cols = data.make_split("dlbcl", tmp_path, "random", [0.8, 0.1, 0.1], 90, seed=3)
+    g = groups_by_split(cols)
+    assert g["train"] & g["test"]  # patients shared between train and test, as in the thesis
+
+
+def test_pcam_keeps_official_splits(tmp_path):
+    write_sources(tmp_path)
+    cols = data.make_split("pcam", tmp_path, "grouped", [0.8, 0.1, 0.1], 90, seed=0)
+    for s in data.SPLITS:
+        assert set(cols["file"][cols["split"] == s]) == {f"pcam_{s}"}
+    assert len(cols["split"]) == 120 + 30 + 30
+
+
+def test_mixed_is_class_balanced_with_both_sources_in_negatives(tmp_path):
+    write_sources(tmp_path)
+    cols = data.make_split("mixed", tmp_path, "grouped", [0.8, 0.1, 0.1], 90, seed=1)
+    train = cols["split"] == "train"
+    assert np.bincount(cols["label"][train]).tolist() == [24, 24, 24]
+    neg = train & (cols["label"] == 0)
+    assert set(cols["source"][neg]) == {"pcam", "dlbcl"}
+    assert set(cols["source"][cols["label"] == 1]) == {"pcam"} and set(cols["source"][cols["label"] == 2]) == {"dlbcl"}
+    # labels are consistent with the source files
+    assert (cols["label"][cols["source"] == "pcam"] != 2).all()
+
+
+def test_split_round_trip_and_loading(tmp_path):
+    write_sources(tmp_path)
+    cols = data.make_split("mixed", tmp_path, "grouped", [0.8, 0.1, 0.1], 90, seed=1)
+    data.write_split(tmp_path / "split.csv", cols)
+    back = data.read_split(tmp_path / "split.csv")
+    for key in data.SPLIT_COLUMNS:
+        np.testing.assert_array_equal(back[key], cols[key])
+    test = data.load_split(back, "test", tmp_path)
+    import h5py
+    for i in (0, len(test) - 1):
+        with h5py.File(tmp_path / f"{test.file[i]}.h5") as f:
+            np.testing.assert_array_equal(test.x[i], f["x"][test.index[i]])
+
+
+def test_mean_std_matches_numpy():
+    x = np.random.default_rng(0).integers(0, 256, (50, 8, 8, 3), dtype=np.uint8)
+    mean, std = data.mean_std(x, chunk=7)
+    np.testing.assert_allclose(mean, x.reshape(-1, 3).mean(0) / 255, rtol=1e-5)
+    np.testing.assert_allclose(std, x.reshape(-1, 3).std(0) / 255, rtol=1e-5)
+
+
+def test_augment_applies_a_dihedral_transform_per_image():
+    batch = torch.arange(16 * 3 * 5 * 5, dtype=torch.float32).reshape(16, 3, 5, 5)
+    out = data.augment(batch, torch.Generator().manual_seed(0), flips=True, rot90=True)
+    views = torch.stack(data.dihedral(batch))  # (8, N, C, H, W)
+    matches = (views == out[None]).flatten(2).all(2)  # (8, N)
+    assert matches.any(0).all()  # every image is one of its 8 dihedral views
+    assert len({int(m.nonzero()[0]) for m in matches.T}) > 2  # and not all the same transform
+    again = data.augment(batch, torch.Generator().manual_seed(0), flips=True, rot90=True)
+    assert torch.equal(out, again)
