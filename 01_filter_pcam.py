@@ -165,11 +165,14 @@ def grid_search(cfg: dict, fx, fy, split: str, out: Path, thresholds: dict) -> d
         junk = json.loads(junk_file.read_text()).get(split, {})
         is_junk = np.isin(index, np.concatenate([np.asarray(v, np.int64) for v in junk.values()] or [[]]))
     results = filters.grid_search(x, is_junk, y, candidates(thresholds))
+    for r in results:  # F1 of rejecting junk, where junk is known
+        p, q = r.get("precision", float("nan")), r.get("recall", float("nan"))
+        r["f1"] = 2 * p * q / (p + q) if p + q > 0 else float("nan")
     keep, _ = filters.filter_patches(x, **thresholds)
     plots.contact_sheet(out / "grid_kept.png", x[keep][:128])
     plots.contact_sheet(out / "grid_rejected.png", x[~keep][:128])
     write_json(out / "grid_search.json", {"split": split, "n_samples": len(index), "results": results})
-    best = max(results, key=lambda r: r.get("f1", r["kept_fraction"]))
+    best = max(results, key=lambda r: r["kept_fraction"] if np.isnan(r["f1"]) else r["f1"])
     print(f"   grid search on {len(index)} {split} patches: {len(results)} candidates, best {best}")
     return {"n_candidates": len(results), "best": best}
 

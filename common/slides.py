@@ -1,0 +1,492 @@
+"""OpenSlide tiling of whole-slide images into PCam-scale patches (DLBCL-Morph TMA slides).
+
+Works in microns: a slide's scale comes from ``openslide.mpp-x`` (or an explicit override), the wanted
+downsample is ``target_mpp / mpp``, patches are read from the coarsest pyramid level that is not
+coarser than that (with a relative tolerance, because Aperio downsamples are like 4.00008) and
+shrunk to ``patch_size_px`` with ``cv2.INTER_AREA``; nothing is ever upsampled beyond the tolerance.
+Every read is at most ``max_read_px`` per side, so a 100k x 100k single-level slide stays bounded in
+memory. Transparent pixels (outside the scanned area) are composited on white.
+
+Inputs: a slide path, ROI boxes ``int (R, 4)`` as (xs, ys, xe, ye) in level-0 pixels (xe, ye
+exclusive), one id and one group (patient id) per ROI.
+Outputs (``tile_slide``): positives -- ``patch_size_px`` patches on a grid inside each ROI, label 1;
+negatives -- grid cells over tissue that touch no ROI, label 0; both quality-filtered with
+``common.filters.filter_patches``; per-label counts, skipped ROIs with reasons, and a thumbnail for
+``save_overview``.
+
+Usage:
+    result = tile_slide("TMA/HE/131.svs", rois, roi_ids, groups, target_mpp=0.972)
+    save_overview("overview/131.png", result, rois)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import openslide
+
+from common.filters import DLBCL_QUALITY, filter_patches
+
+# A thumbnail pixel is tissue when its saturation exceeds the DLBCL patch floor (thesis: S > 0.07).
+TISSUE_MIN_SATURATION = 0.07
+# A grid cell becomes a negative candidate when at least this fraction of it is tissue on the thumbnail.
+NEGATIVE_MIN_TISSUE_FRACTION = 0.5
+# Patches read and filtered per batch, so rejected pixels never pile up (~113 MB of 96 px patches).
+_PATCH_BATCH = 4096
+
+
+class SlideError(ValueError):
+    """A slide cannot be used: missing, unreadable, without a scale, or asked to upsample."""
+
+
+def open_slide(path) -> openslide.OpenSlide:
+    """Open a whole-slide image with OpenSlide.
+
+    Args:
+        path: str or Path of the slide file (.svs, pyramidal .tiff, ...).
+
+    Returns:
+        The opened ``openslide.OpenSlide``.
+
+    Raises:
+        SlideError: the file does not exist or OpenSlide cannot open it (message names the path).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SlideError(f"slide file not found: {path}")
+    try:
+        return openslide.OpenSlide(str(path))
+    except (openslide.OpenSlideError, OSError) as exc:
+        raise SlideError(f"cannot open slide {path}: {exc}") from exc
+
+
+def _positive_float(raw) -> float | None:
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def slide_mpp(slide, name: str, mpp_override: float | None = None,
+              allow_objective_power: bool = False) -> float:
+    """Level-0 microns per pixel of a slide.
+
+    Order: ``openslide.mpp-x``; else ``mpp_override``; else, if allowed, 10 / objective power (the
+    usual 40x = 0.25 um/px convention, a guess); else an error.
+
+    Args:
+        slide: an OpenSlide (anything with a ``properties`` mapping).
+        name: the slide's name for messages.
+        mpp_override: um/px to use where the slide has no ``openslide.mpp-x``.
+        allow_objective_power: fall back to ``openslide.objective-power``.
+
+    Returns:
+        mpp in um/px (float > 0).
+
+    Raises:
+        SlideError: no usable scale, or a non-positive override.
+    """
+    mpp = _positive_float(slide.properties.get(openslide.PROPERTY_NAME_MPP_X))
+    if mpp is not None:
+        return mpp
+    if mpp_override is not None:
+        if _positive_float(mpp_override) is None:
+            raise SlideError(f"slide {name}: mpp_override must be a positive number (um/px), got {mpp_override}")
+        return float(mpp_override)
+    if allow_objective_power:
+        power = _positive_float(slide.properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
+        if power is not None:
+            return 10.0 / power
+        raise SlideError(f"slide {name} has neither openslide.mpp-x nor openslide.objective-power; "
+                         "set dlbcl.mpp_override (um/px)")
+    raise SlideError(f"slide {name} has no openslide.mpp-x; set dlbcl.mpp_override (um/px) "
+                     "or enable dlbcl.allow_objective_power")
+
+
+def pick_level(level_downsamples, wanted_downsample: float, rel_tolerance: float = 0.01) -> int:
+    """Coarsest pyramid level that needs no upsampling beyond a relative tolerance.
+
+    Args:
+        level_downsamples: float per level (level-0 px per level px), e.g. (1, 2, 4.0161, 8.0863).
+        wanted_downsample: level-0 px per output px.
+        rel_tolerance: a level with downsample <= wanted * (1 + rel_tolerance) still qualifies.
+
+    Returns:
+        The level index.
+
+    Raises:
+        SlideError: every level is coarser than wanted (the output would be upsampled).
+    """
+    downsamples = np.asarray(level_downsamples, dtype=np.float64)
+    fits = np.flatnonzero(downsamples <= wanted_downsample * (1 + rel_tolerance))
+    if fits.size == 0:
+        raise SlideError(f"wanted downsample {wanted_downsample:.4g} is finer than the finest level "
+                         f"({downsamples.min():.4g}); tiling would upsample")
+    return int(fits[np.argmax(downsamples[fits])])
+
+
+def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """uint8 RGBA (not premultiplied, as OpenSlide returns it) -> uint8 RGB over a white background."""
+    rgb = rgba[..., :3].astype(np.uint16)
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
+def read_rgb(slide, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
+    """One region composited on white (never a bare ``convert('RGB')``, which turns empty areas black).
+
+    Args:
+        slide: an OpenSlide.
+        x0, y0: top-left in level-0 px.
+        level: pyramid level.
+        width, height: size in px of that level.
+
+    Returns:
+        uint8 (height, width, 3) RGB.
+    """
+    region = slide.read_region((int(x0), int(y0)), int(level), (int(width), int(height)))
+    return _composite_on_white(np.asarray(region))
+
+
+def roi_grid(roi, patch_level0_px: float) -> np.ndarray:
+    """Top-left corners of the whole patches that fit inside a box, on a grid from its corner.
+
+    Args:
+        roi: (xs, ys, xe, ye) level-0 px, xe and ye exclusive.
+        patch_level0_px: patch side in level-0 px (float; corners are floored).
+
+    Returns:
+        int64 (K, 2) level-0 (x, y), row by row; K = 0 when not one patch fits.
+    """
+    xs, ys, xe, ye = (float(v) for v in roi)
+    # The epsilon keeps a box of exactly n patches (n * p computed in float) from losing one.
+    n_x = max(0, int(np.floor((xe - xs) / patch_level0_px + 1e-9)))
+    n_y = max(0, int(np.floor((ye - ys) / patch_level0_px + 1e-9)))
+    x = xs + np.floor(np.arange(n_x) * patch_level0_px + 1e-9)
+    y = ys + np.floor(np.arange(n_y) * patch_level0_px + 1e-9)
+    grid_y, grid_x = np.meshgrid(y, x, indexing="ij")
+    return np.stack([grid_x.ravel(), grid_y.ravel()], axis=1).astype(np.int64)
+
+
+def _resize_batch(crops: np.ndarray, size_px: int) -> np.ndarray:
+    """Resize uint8 (K, s, s, 3) to (K, size_px, size_px, 3) with INTER_AREA, all patches per call.
+
+    INTER_AREA is separable when shrinking, so two 1-D passes over patches stacked along the untouched
+    axis (in float, rounded half up once at the end, as OpenCV does) equal a 2-D ``cv2.resize`` of each
+    patch; enlarging (only within the level tolerance) may differ from it by 1.
+    """
+    k, side = crops.shape[:2]
+    flat = crops.astype(np.float32).reshape(k * side, side, 3)
+    wide = cv2.resize(flat, (size_px, k * side), interpolation=cv2.INTER_AREA).reshape(k, side, size_px, 3)
+    turned = np.ascontiguousarray(wide.transpose(0, 2, 1, 3)).reshape(k * size_px, side, 3)
+    both = cv2.resize(turned, (size_px, k * size_px), interpolation=cv2.INTER_AREA)
+    both = both.reshape(k, size_px, size_px, 3).transpose(0, 2, 1, 3)
+    return np.clip(np.floor(both + 0.5), 0, 255).astype(np.uint8)
+
+
+def read_patches(slide, coords_level0, patch_level0_px: float, level: int, patch_size_px: int = 96,
+                 max_read_px: int = 4096) -> np.ndarray:
+    """Read square patches through bounded region reads and shrink them to ``patch_size_px``.
+
+    Patches are grouped into regions of at most ``max_read_px`` level px per side and read row by row
+    (so OpenSlide's tile cache is reused). Each patch is cut from its region at its own position
+    (``round(patch_level0_px / downsample)`` level px, placed to the nearest level px) and shrunk with
+    ``cv2.INTER_AREA``, all patches of a region at once. The result does not depend on
+    ``max_read_px``. When ``patch_level0_px / patch_size_px`` equals the level's integer downsample
+    and the patches lie on a grid of that step (``roi_grid``), it equals a direct ``read_region`` of
+    each patch at that level.
+
+    Args:
+        slide: an OpenSlide.
+        coords_level0: int (K, 2) level-0 (x, y) top-left corners.
+        patch_level0_px: patch side in level-0 px.
+        level: pyramid level to read (its downsample should be <= patch_level0_px / patch_size_px).
+        patch_size_px: output side in px.
+        max_read_px: largest region side, in px of ``level``, read at once.
+
+    Returns:
+        uint8 (K, patch_size_px, patch_size_px, 3) RGB, in the order of ``coords_level0``.
+
+    Raises:
+        SlideError: ``max_read_px`` cannot hold one patch.
+    """
+    coords = np.asarray(coords_level0, dtype=np.int64).reshape(-1, 2)
+    out = np.empty((len(coords), patch_size_px, patch_size_px, 3), np.uint8)
+    if len(coords) == 0:
+        return out
+    downsample = float(slide.level_downsamples[level])
+    crop_px = max(1, round(patch_level0_px / downsample))
+    # Region cells leave room for the last patch's crop and rounding inside the max_read_px bound.
+    cell_level_px = max_read_px - crop_px - 1
+    if cell_level_px < 1:
+        raise SlideError(f"max_read_px {max_read_px} is too small for one patch ({crop_px} px at level {level})")
+    cells = np.floor(coords / downsample / cell_level_px).astype(np.int64)
+    order = np.lexsort((coords[:, 0], coords[:, 1], cells[:, 0], cells[:, 1]))
+    new_cell = np.any(np.diff(cells[order], axis=0) != 0, axis=1)
+    span = np.arange(crop_px)
+    for group in np.split(order, np.flatnonzero(new_cell) + 1):
+        origin = coords[group].min(axis=0)
+        offsets = np.rint((coords[group] - origin) / downsample).astype(np.int64)
+        read_w, read_h = (offsets.max(axis=0) + crop_px).tolist()
+        region = read_rgb(slide, origin[0], origin[1], level, read_w, read_h)
+        rows = offsets[:, 1, None] + span
+        cols = offsets[:, 0, None] + span
+        crops = region[rows[:, :, None], cols[:, None, :]]
+        out[group] = crops if crop_px == patch_size_px else _resize_batch(crops, patch_size_px)
+    return out
+
+
+def read_thumbnail(slide, thumbnail_px: int = 1024, max_read_px: int = 4096) -> tuple[np.ndarray, float]:
+    """Low-resolution RGB overview built from bounded reads (``get_thumbnail`` reads a level whole).
+
+    Args:
+        slide: an OpenSlide.
+        thumbnail_px: longest side, at most, in px.
+        max_read_px: largest region side read at once, in px of the level read.
+
+    Returns:
+        thumbnail: uint8 (h, w, 3) RGB, composited on white.
+        scale: thumbnail px per level-0 px.
+    """
+    longest_level0_px = max(slide.dimensions)
+    level = pick_level(slide.level_downsamples, max(1.0, longest_level0_px / thumbnail_px))
+    downsample = float(slide.level_downsamples[level])
+    width, height = slide.level_dimensions[level]
+    # An integer shrink factor makes every region map onto whole thumbnail pixels.
+    factor = max(1, math.ceil(max(width, height) / thumbnail_px))
+    thumb_w, thumb_h = math.ceil(width / factor), math.ceil(height / factor)
+    tile_px = max(1, max_read_px // factor)
+    thumbnail = np.empty((thumb_h, thumb_w, 3), np.uint8)
+    for ty in range(0, thumb_h, tile_px):
+        for tx in range(0, thumb_w, tile_px):
+            w, h = min(tile_px, thumb_w - tx), min(tile_px, thumb_h - ty)
+            region = read_rgb(slide, round(tx * factor * downsample), round(ty * factor * downsample),
+                              level, w * factor, h * factor)
+            if factor > 1:
+                region = cv2.resize(region, (w, h), interpolation=cv2.INTER_AREA)
+            thumbnail[ty:ty + h, tx:tx + w] = region
+    return thumbnail, 1.0 / (factor * downsample)
+
+
+def _tissue_fraction(thumbnail: np.ndarray, scale: float, coords: np.ndarray,
+                     patch_level0_px: float) -> np.ndarray:
+    """Fraction of each cell's thumbnail pixels that are tissue (saturation test), via an integral image."""
+    hsv = cv2.cvtColor(thumbnail.astype(np.float32) / 255, cv2.COLOR_RGB2HSV)
+    integral = cv2.integral((hsv[..., 1] > TISSUE_MIN_SATURATION).astype(np.uint8)).astype(np.int64)
+    thumb_h, thumb_w = thumbnail.shape[:2]
+    x0 = np.clip(np.floor(coords[:, 0] * scale).astype(np.int64), 0, thumb_w - 1)
+    y0 = np.clip(np.floor(coords[:, 1] * scale).astype(np.int64), 0, thumb_h - 1)
+    x1 = np.clip(np.maximum(x0 + 1, np.rint((coords[:, 0] + patch_level0_px) * scale)), 0, thumb_w).astype(np.int64)
+    y1 = np.clip(np.maximum(y0 + 1, np.rint((coords[:, 1] + patch_level0_px) * scale)), 0, thumb_h).astype(np.int64)
+    tissue = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    return tissue / ((x1 - x0) * (y1 - y0))
+
+
+def _box_distance(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Euclidean distance (K, R) from points (K, 2) to boxes (R, 4); 0 inside a box."""
+    dx = np.maximum(np.maximum(boxes[None, :, 0] - points[:, None, 0], 0), points[:, None, 0] - boxes[None, :, 2])
+    dy = np.maximum(np.maximum(boxes[None, :, 1] - points[:, None, 1], 0), points[:, None, 1] - boxes[None, :, 3])
+    return np.hypot(dx, dy)
+
+
+def _read_and_filter(slide, coords, patch_level0_px, level, patch_size_px, max_read_px, quality):
+    """Read and quality-filter in batches; returns kept patches, keep flags and reasons."""
+    kept, keep_flags, reasons = [], [], []
+    for start in range(0, len(coords), _PATCH_BATCH):
+        patches = read_patches(slide, coords[start:start + _PATCH_BATCH], patch_level0_px, level,
+                               patch_size_px, max_read_px)
+        keep, reason = filter_patches(patches, **quality)
+        kept.append(patches[keep])
+        keep_flags.append(keep)
+        reasons.append(reason)
+    empty = np.empty((0, patch_size_px, patch_size_px, 3), np.uint8)
+    return (np.concatenate([empty, *kept]), np.concatenate([np.zeros(0, bool), *keep_flags]),
+            np.concatenate([np.zeros(0, "<U1"), *reasons]))
+
+
+def tile_slide(path, rois, roi_ids: list[str], groups: list[str], *, target_mpp: float = 0.972,
+               patch_size_px: int = 96, mpp_override: float | None = None,
+               allow_objective_power: bool = False, max_read_px: int = 4096, quality: dict | None = None,
+               negatives: bool = True, thumbnail_px: int = 1024) -> dict:
+    """Tile one slide: positives on a grid inside each ROI, negatives on tissue outside all ROIs.
+
+    Positives: ``roi_grid`` of each ROI (clipped to the slide), group = the ROI's group. Negatives: a
+    slide-wide grid of the same step; cells with >= 50 % tissue on the thumbnail (saturation > 0.07)
+    that intersect no well-formed ROI; group = the group of the nearest ROI (distance from the
+    patch centre to the ROI box, so the core a negative lies in or beside), or the slide's file name
+    when the slide has no well-formed ROI. Both are quality-filtered with ``filter_patches(**quality)``.
+
+    Args:
+        path: slide file.
+        rois: int (R, 4) (xs, ys, xe, ye) level-0 px, xe/ye exclusive.
+        roi_ids: R names used in ``skipped`` (e.g. the CSV row).
+        groups: R group names (patient ids).
+        target_mpp: output um/px (PCam: 0.243 * 4 = 0.972).
+        patch_size_px: output patch side in px.
+        mpp_override: um/px for slides without ``openslide.mpp-x``.
+        allow_objective_power: else fall back to 10 / objective power.
+        max_read_px: largest region side read at once, in px of the level read.
+        quality: thresholds for ``filter_patches``; default ``DLBCL_QUALITY`` (S > 0.07, V < 0.8).
+        negatives: also extract negatives.
+        thumbnail_px: longest thumbnail side in px.
+
+    Returns:
+        dict with ``x`` uint8 (K, p, p, 3), ``y`` uint8 (K,) 1 positive / 0 negative, ``group`` str (K,),
+        ``coords`` int64 (K, 2) level-0, ``rejected_coords`` int64 (M, 2), ``rejected_y`` uint8 (M,),
+        ``rejected_reason`` str (M,), ``mpp`` (output um/px), ``level``, ``downsample`` (level-0 px
+        per output px), ``patch_level0_px``, ``counts`` ({"positive"/"negative": {"kept": n,
+        "rejected": {reason: n}}, "skipped": {reason: n}, "rois_clipped": n}), ``skipped`` (list of
+        {"item": "<slide>:<roi id>", "reason": code, "detail": text}; codes roi_empty (xs >= xe or
+        ys >= ye), roi_outside_slide, roi_smaller_than_patch, roi_all_patches_rejected),
+        ``thumbnail`` uint8 (h, w, 3), ``thumbnail_scale`` (thumbnail px per level-0 px), ``slide``.
+
+    Raises:
+        SlideError: missing or unreadable slide, no scale, or a target finer than the slide.
+    """
+    quality = DLBCL_QUALITY if quality is None else quality
+    name = Path(path).name
+    rois = np.asarray(rois, dtype=np.int64).reshape(-1, 4)
+    if not len(rois) == len(roi_ids) == len(groups):
+        raise SlideError(f"slide {name}: {len(rois)} ROIs, {len(roi_ids)} ids and {len(groups)} groups")
+    slide = open_slide(path)
+    try:
+        mpp = slide_mpp(slide, name, mpp_override, allow_objective_power)
+        wanted = target_mpp / mpp
+        level = pick_level(slide.level_downsamples, wanted)
+        level_downsample = float(slide.level_downsamples[level])
+        # Snap float noise (target = exactly k * mpp) so that such a level is read without resampling.
+        if abs(wanted / level_downsample - 1) < 1e-6:
+            wanted = level_downsample
+        patch_level0_px = patch_size_px * wanted
+        width, height = slide.dimensions
+        thumbnail, thumbnail_scale = read_thumbnail(slide, thumbnail_px, max_read_px)
+
+        # ---- positives: a grid inside each well-formed ROI, clipped to the slide ----
+        skipped, positive_coords, positive_roi = [], [], []
+        well_formed = (rois[:, 0] < rois[:, 2]) & (rois[:, 1] < rois[:, 3])
+        clipped = np.stack([np.maximum(rois[:, 0], 0), np.maximum(rois[:, 1], 0),
+                            np.minimum(rois[:, 2], width), np.minimum(rois[:, 3], height)], axis=1)
+        inside = (clipped[:, 0] < clipped[:, 2]) & (clipped[:, 1] < clipped[:, 3])
+        rois_clipped = int((well_formed & inside & np.any(clipped != rois, axis=1)).sum())
+        for index, roi in enumerate(rois):
+            item = f"{name}:{roi_ids[index]}"
+            if not well_formed[index]:
+                skipped.append({"item": item, "reason": "roi_empty",
+                                "detail": f"box {roi.tolist()} has xs >= xe or ys >= ye"})
+            elif not inside[index]:
+                skipped.append({"item": item, "reason": "roi_outside_slide",
+                                "detail": f"box {roi.tolist()} lies outside the slide ({width} x {height} px)"})
+            else:
+                grid = roi_grid(clipped[index], patch_level0_px)
+                if len(grid) == 0:
+                    skipped.append({"item": item, "reason": "roi_smaller_than_patch",
+                                    "detail": f"box {roi.tolist()} holds no {patch_level0_px:.1f} px patch"})
+                positive_coords.append(grid)
+                positive_roi.append(np.full(len(grid), index))
+        positive_coords = np.concatenate([np.zeros((0, 2), np.int64), *positive_coords])
+        positive_roi = np.concatenate([np.zeros(0, np.int64), *positive_roi])
+        pos_x, pos_keep, pos_reason = _read_and_filter(slide, positive_coords, patch_level0_px, level,
+                                                       patch_size_px, max_read_px, quality)
+        kept_per_roi = np.bincount(positive_roi[pos_keep], minlength=len(rois))
+        tried_per_roi = np.bincount(positive_roi, minlength=len(rois))
+        for index in np.flatnonzero((tried_per_roi > 0) & (kept_per_roi == 0)):
+            skipped.append({"item": f"{name}:{roi_ids[index]}", "reason": "roi_all_patches_rejected",
+                            "detail": f"all {tried_per_roi[index]} patches failed the quality filter"})
+        group_array = np.asarray(groups, dtype=str)
+
+        # ---- negatives: tissue cells of a slide-wide grid that touch no ROI ----
+        neg_coords = np.zeros((0, 2), np.int64)
+        if negatives:
+            cells = roi_grid((0, 0, width, height), patch_level0_px)
+            cells = cells[_tissue_fraction(thumbnail, thumbnail_scale, cells, patch_level0_px)
+                          >= NEGATIVE_MIN_TISSUE_FRACTION]
+            boxes = rois[well_formed].astype(np.float64)
+            start, end = cells[:, None, :], cells[:, None, :] + patch_level0_px
+            touches = np.all((start < boxes[None, :, 2:]) & (end > boxes[None, :, :2]), axis=2)
+            neg_coords = cells[~touches.any(axis=1)]
+        neg_x, neg_keep, neg_reason = _read_and_filter(slide, neg_coords, patch_level0_px, level,
+                                                       patch_size_px, max_read_px, quality)
+        if well_formed.any():
+            centres = neg_coords + patch_level0_px / 2
+            nearest = np.argmin(_box_distance(centres, rois[well_formed].astype(np.float64)), axis=1)
+            neg_groups = group_array[well_formed][nearest]
+        else:
+            neg_groups = np.full(len(neg_coords), name)
+    except openslide.OpenSlideError as exc:
+        raise SlideError(f"cannot read slide {name}: {exc}") from exc
+    finally:
+        slide.close()
+
+    n_pos, n_neg = int(pos_keep.sum()), int(neg_keep.sum())
+    skip_order = {"roi_empty": 0, "roi_outside_slide": 1, "roi_smaller_than_patch": 2, "roi_all_patches_rejected": 3}
+    return {
+        "x": np.concatenate([pos_x, neg_x]),
+        "y": np.repeat(np.array([1, 0], np.uint8), [n_pos, n_neg]),
+        "group": np.concatenate([group_array[positive_roi[pos_keep]], neg_groups[neg_keep]]).astype(str),
+        "coords": np.concatenate([positive_coords[pos_keep], neg_coords[neg_keep]]),
+        "rejected_coords": np.concatenate([positive_coords[~pos_keep], neg_coords[~neg_keep]]),
+        "rejected_y": np.repeat(np.array([1, 0], np.uint8), [int((~pos_keep).sum()), int((~neg_keep).sum())]),
+        "rejected_reason": np.concatenate([pos_reason[~pos_keep], neg_reason[~neg_keep]]).astype(str),
+        "mpp": float(target_mpp),
+        "level": level,
+        "downsample": wanted,
+        "patch_level0_px": patch_level0_px,
+        "counts": {
+            "positive": {"kept": n_pos, "rejected": dict(Counter(pos_reason[~pos_keep].tolist()))},
+            "negative": {"kept": n_neg, "rejected": dict(Counter(neg_reason[~neg_keep].tolist()))},
+            "skipped": dict(Counter(s["reason"] for s in skipped)),
+            "rois_clipped": rois_clipped,
+        },
+        "skipped": sorted(skipped, key=lambda s: (skip_order[s["reason"]], s["item"])),
+        "thumbnail": thumbnail,
+        "thumbnail_scale": thumbnail_scale,
+        "slide": name,
+    }
+
+
+def save_overview(png_path, result: dict, rois) -> Path:
+    """Write the slide overview: thumbnail, ROIs (blue), kept patches (green), rejected (red).
+
+    Args:
+        png_path: output .png path (written atomically: temporary file, then rename).
+        result: a ``tile_slide`` result.
+        rois: int (R, 4) level-0 boxes as given to ``tile_slide``.
+
+    Returns:
+        The written path.
+    """
+    image = cv2.cvtColor(result["thumbnail"], cv2.COLOR_RGB2BGR)
+    scale = result["thumbnail_scale"]
+    side = result["patch_level0_px"]
+
+    def draw(boxes: np.ndarray, bgr: tuple[int, int, int], thickness: int) -> None:
+        corners = np.rint(np.asarray(boxes, np.float64).reshape(-1, 4) * scale).astype(np.int32)
+        x0, y0 = corners[:, 0], corners[:, 1]
+        x1, y1 = np.maximum(x0, corners[:, 2] - 1), np.maximum(y0, corners[:, 3] - 1)
+        # One polylines call draws every box: (K, 4 vertices, 2).
+        outlines = np.stack([np.stack([x0, y0], 1), np.stack([x1, y0], 1), np.stack([x1, y1], 1),
+                             np.stack([x0, y1], 1)], axis=1)
+        cv2.polylines(image, list(outlines), True, bgr, thickness)
+
+    def patch_boxes(coords: np.ndarray) -> np.ndarray:
+        coords = np.asarray(coords, np.float64).reshape(-1, 2)
+        return np.concatenate([coords, coords + side], axis=1)
+
+    draw(patch_boxes(result["rejected_coords"]), (0, 0, 255), 1)
+    draw(patch_boxes(result["coords"]), (0, 200, 0), 1)
+    draw(rois, (255, 0, 0), 2)
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    ok, encoded = cv2.imencode(".png", image)
+    if not ok:
+        raise SlideError(f"cannot encode overview for {result['slide']}")
+    tmp_path = png_path.with_name(png_path.name + ".tmp")
+    tmp_path.write_bytes(encoded.tobytes())
+    os.replace(tmp_path, png_path)
+    return png_path

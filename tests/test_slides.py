@@ -1,0 +1,272 @@
+"""Tests for common/slides.py on the real slides in shared/testdata/real/slides and on pyramidal TIFFs
+written here with tifffile: scale and level choice, exact reads, bounded reads, bad inputs, overview."""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import openslide
+import pytest
+import tifffile
+
+from common.slides import (
+    SlideError,
+    open_slide,
+    pick_level,
+    read_patches,
+    read_rgb,
+    roi_grid,
+    save_overview,
+    slide_mpp,
+    tile_slide,
+)
+
+SLIDES = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "real" / "slides"
+CMU = SLIDES / "cmu-1-small-region.svs"  # Aperio, one level, 2220 x 2967, mpp 0.499
+TCGA = SLIDES / "tcga-cr-7395-01a-01-ts1.svs"  # Aperio, downsamples (1, 2.0005), no mpp
+BOXES = SLIDES / "synthetic" / "boxes.tiff"  # generic TIFF, downsamples (1, 2, 4.0161, 8.0863)
+TISSUE_IMAGE = SLIDES.parent / "he" / "tiatoolbox" / "target_image.png"  # real H&E, 1000 x 1000
+CMU_ROI = (1000, 1500, 1600, 2500)  # epithelium and stroma on the CMU region
+
+
+class FakeSlide:
+    def __init__(self, properties):
+        self.properties = properties
+
+
+def direct_read(slide, x, y, level, size):
+    rgba = np.asarray(slide.read_region((int(x), int(y)), level, (size, size)))
+    assert (rgba[..., 3] == 255).all()
+    return rgba[..., :3]
+
+
+def write_pyramid(path: Path, level0: np.ndarray, mpp: float, factors=(4,)) -> list[np.ndarray]:
+    """Tiled pyramidal TIFF that OpenSlide opens as generic-tiff (REFERENCE.md recipe)."""
+    levels = [level0] + [cv2.resize(level0, (level0.shape[1] // f, level0.shape[0] // f),
+                                    interpolation=cv2.INTER_AREA) for f in factors]
+    resolution = (1e4 / mpp, 1e4 / mpp)
+    with tifffile.TiffWriter(path) as tif:
+        for index, image in enumerate(levels):
+            tif.write(image, tile=(256, 256) if min(image.shape[:2]) >= 256 else (16, 16), compression="zlib",
+                      photometric="rgb", resolution=resolution, resolutionunit="CENTIMETER",
+                      subfiletype=1 if index else 0)
+    return levels
+
+
+def test_open_slide_errors_name_the_path(tmp_path):
+    with pytest.raises(SlideError, match=r"not found: .*missing\.svs"):
+        open_slide(tmp_path / "missing.svs")
+    garbage = tmp_path / "garbage.svs"
+    garbage.write_bytes(b"not a slide" * 100)
+    with pytest.raises(SlideError, match=r"cannot open slide .*garbage\.svs"):
+        open_slide(garbage)
+
+
+def test_slide_mpp_sources_and_missing_mpp_error():
+    assert slide_mpp(open_slide(CMU), "cmu") == pytest.approx(0.499)
+    tcga = open_slide(TCGA)
+    with pytest.raises(SlideError, match="slide tcga.svs has no openslide.mpp-x; set dlbcl.mpp_override"):
+        slide_mpp(tcga, "tcga.svs")
+    assert slide_mpp(tcga, "tcga.svs", mpp_override=0.25) == 0.25
+    with pytest.raises(SlideError, match="mpp_override must be a positive number"):
+        slide_mpp(tcga, "tcga.svs", mpp_override=-1.0)
+    # The metadata wins over the override; the objective-power fallback is off unless asked for.
+    assert slide_mpp(open_slide(CMU), "cmu", mpp_override=0.25) == pytest.approx(0.499)
+    forty_x = FakeSlide({"openslide.objective-power": "40"})
+    assert slide_mpp(forty_x, "f", allow_objective_power=True) == pytest.approx(0.25)
+    with pytest.raises(SlideError, match="no openslide.mpp-x"):
+        slide_mpp(forty_x, "f")
+    with pytest.raises(SlideError, match="neither openslide.mpp-x nor openslide.objective-power"):
+        slide_mpp(FakeSlide({}), "f", allow_objective_power=True)
+
+
+def test_pick_level_tolerates_non_integer_downsamples():
+    downsamples = open_slide(BOXES).level_downsamples
+    np.testing.assert_allclose(downsamples, [1, 2, 4.0161, 8.0863], atol=1e-4)
+    cases = {1.0: 0, 1.5: 0, 1.99: 1, 2.0: 1, 3.9: 1, 3.99: 2, 4.0: 2, 8.0: 2, 8.0863: 3, 8.1: 3, 100.0: 3}
+    for wanted, level in cases.items():
+        assert pick_level(downsamples, wanted) == level, wanted
+    # openslide's own rule (largest downsample <= wanted, no tolerance) returns level 1 for 4.0.
+    assert open_slide(BOXES).get_best_level_for_downsample(4.0) == 1
+    with pytest.raises(SlideError, match="upsample"):
+        pick_level(downsamples, 0.5)
+
+
+def test_read_rgb_composites_transparent_pixels_on_white():
+    slide = open_slide(BOXES)
+    rgb = read_rgb(slide, -8, -6, 0, 20, 20)
+    rgba = np.asarray(slide.read_region((0, 0), 0, (12, 14)))
+    assert rgb.dtype == np.uint8 and rgb.shape == (20, 20, 3)
+    assert (rgb[:6] == 255).all() and (rgb[:, :8] == 255).all()
+    np.testing.assert_array_equal(rgb[6:, 8:], rgba[..., :3])
+
+
+def test_roi_grid_by_hand():
+    np.testing.assert_array_equal(roi_grid((10, 20, 410, 220), 100),
+                                  [[10, 20], [110, 20], [210, 20], [310, 20],
+                                   [10, 120], [110, 120], [210, 120], [310, 120]])
+    # 187.5 px patches: floor(0), floor(187.5) = 187; 375 + 187.5 > 400, so no third column.
+    np.testing.assert_array_equal(roi_grid((0, 0, 400, 200), 187.5), [[0, 0], [187, 0]])
+    assert roi_grid((0, 0, 99, 500), 100).shape == (0, 2)
+
+
+def test_read_patches_at_a_lower_level_equal_direct_reads(tmp_path):
+    slide = open_slide(BOXES)
+    coords = roi_grid((3, 5, 290, 240), 32.0)  # 16 px patches at level 1 (downsample 2)
+    patches = read_patches(slide, coords, 32.0, level=1, patch_size_px=16, max_read_px=60)
+    expected = np.stack([direct_read(slide, x, y, 1, 16) for x, y in coords])
+    np.testing.assert_array_equal(patches, expected)
+
+    # Real H&E pyramid (levels 1 and 1/4, mpp 0.25): tiling at 1.0 um/px reads level 1 and returns
+    # exactly the pixels written there and those of a direct read_region.
+    tissue = cv2.cvtColor(cv2.imread(str(TISSUE_IMAGE)), cv2.COLOR_BGR2RGB)
+    levels = write_pyramid(tmp_path / "tissue.tiff", tissue, mpp=0.25)
+    rois = np.array([[0, 0, 1000, 1000]])
+    result = tile_slide(tmp_path / "tissue.tiff", rois, ["r"], ["p"], target_mpp=1.0, patch_size_px=32,
+                        quality={"hue_range": None, "saturation_range": None, "value_range": None},
+                        negatives=False, max_read_px=100)
+    assert result["level"] == 1 and result["patch_level0_px"] == 128.0
+    assert len(result["x"]) == 49  # floor(1000 / 128) ** 2
+    written = np.stack([levels[1][y // 4:y // 4 + 32, x // 4:x // 4 + 32] for x, y in result["coords"]])
+    np.testing.assert_array_equal(result["x"], written)
+    slide = open_slide(tmp_path / "tissue.tiff")
+    direct = np.stack([direct_read(slide, x, y, 1, 32) for x, y in result["coords"]])
+    np.testing.assert_array_equal(result["x"], direct)
+
+
+def test_cmu_single_level_pcam_scale_patches_inside_roi():
+    rois = np.array([CMU_ROI])
+    result = tile_slide(CMU, rois, ["roi0"], ["patient7"], negatives=False)
+    downsample = 0.972 / 0.499
+    assert result["level"] == 0 and result["mpp"] == pytest.approx(0.972)
+    assert result["downsample"] == pytest.approx(1.948, abs=1e-3)
+    side = result["patch_level0_px"]
+    assert side == pytest.approx(96 * downsample)
+    # 600 x 1000 px ROI / 187 px patches: 3 x 5 grid, all tissue.
+    assert result["x"].shape == (15, 96, 96, 3) and result["counts"]["positive"]["kept"] == 15
+    assert (result["y"] == 1).all() and (result["group"] == "patient7").all()
+    xy = result["coords"]
+    assert (xy[:, 0] >= CMU_ROI[0]).all() and (xy[:, 1] >= CMU_ROI[1]).all()
+    assert (xy[:, 0] + side <= CMU_ROI[2]).all() and (xy[:, 1] + side <= CMU_ROI[3]).all()
+    # Each patch is its own 187 px level-0 box shrunk with INTER_AREA, read and resized one by one.
+    assert round(side) == 187
+    slide = open_slide(CMU)
+    reference = np.stack([cv2.resize(direct_read(slide, x, y, 0, 187), (96, 96), interpolation=cv2.INTER_AREA)
+                          for x, y in xy])
+    # Float vs OpenCV's own uint8 accumulation: a handful of exact .5 ties round the other way.
+    difference = np.abs(result["x"].astype(int) - reference)
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-4
+
+
+def test_reads_stay_bounded(monkeypatch):
+    sizes = []
+    original = openslide.OpenSlide.read_region
+
+    def recording(self, location, level, size):
+        sizes.append(size)
+        return original(self, location, level, size)
+
+    monkeypatch.setattr(openslide.OpenSlide, "read_region", recording)
+    rois = np.array([CMU_ROI])
+    small = tile_slide(CMU, rois, ["r"], ["p"], max_read_px=400, thumbnail_px=256)
+    assert max(max(s) for s in sizes) <= 400 and len(sizes) > 10
+    sizes.clear()
+    large = tile_slide(CMU, rois, ["r"], ["p"], max_read_px=4096, thumbnail_px=256)
+    assert max(max(s) for s in sizes) > 400
+    np.testing.assert_array_equal(small["coords"], large["coords"])
+    np.testing.assert_array_equal(small["x"], large["x"])
+    with pytest.raises(SlideError, match="max_read_px 100 is too small"):
+        tile_slide(CMU, rois, ["r"], ["p"], max_read_px=100)
+
+
+def test_tcga_without_mpp_fails_clearly_and_works_with_override():
+    rois = np.array([[1500, 1000, 2600, 2000]])
+    with pytest.raises(SlideError, match=r"slide tcga-cr-7395-01a-01-ts1\.svs has no openslide\.mpp-x"):
+        tile_slide(TCGA, rois, ["r"], ["p"])
+    result = tile_slide(TCGA, rois, ["r"], ["p"], mpp_override=0.25, negatives=False)
+    # wanted downsample 0.972 / 0.25 = 3.888: level 1 (2.0005), shrunk a further 1.94x.
+    assert result["level"] == 1
+    assert result["patch_level0_px"] == pytest.approx(96 * 3.888)
+    positive = result["counts"]["positive"]
+    assert positive["kept"] + sum(positive["rejected"].values()) == 4  # floor(1100 / 373.2) * floor(1000 / 373.2)
+    assert positive["kept"] >= 3 and result["x"].shape == (positive["kept"], 96, 96, 3)
+    xy = result["coords"]
+    assert (xy >= [1500, 1000]).all() and (xy + 96 * 3.888 <= [2600, 2000]).all()
+
+
+@pytest.mark.parametrize("factor, level", [(1.0, 0), (2.0, 1), (4.0, 2), (4.0161, 2), (8.0, 2), (8.0863, 3)])
+def test_boxes_levels_from_target_mpp(factor, level):
+    mpp = open_slide(BOXES).properties["openslide.mpp-x"]
+    result = tile_slide(BOXES, np.array([[0, 0, 300, 250]]), ["r"], ["p"], target_mpp=float(mpp) * factor,
+                        patch_size_px=8, negatives=False,
+                        quality={"hue_range": None, "saturation_range": None, "value_range": None})
+    assert result["level"] == level
+    side = 8 * factor
+    assert len(result["x"]) == int(300 // side) * int(250 // side)
+
+
+def test_bad_rois_are_skipped_with_reasons_and_counts():
+    rois = np.array([
+        CMU_ROI,                   # good
+        [5000, 5000, 5200, 5200],  # outside the 2220 x 2967 slide
+        [500, 500, 400, 700],      # xs >= xe
+        [900, 900, 900, 1300],     # xs == xe
+        [100, 100, 150, 150],      # smaller than one 187 px patch
+        [0, 0, 400, 400],          # blank glass: every patch fails S > 0.07
+        [2100, 2800, 2400, 3100],  # partly outside: clipped to (2100, 2800, 2220, 2967), too small
+    ])
+    ids = ["good", "outside", "reversed", "flat", "tiny", "glass", "edge"]
+    result = tile_slide(CMU, rois, ids, [f"p{i}" for i in range(7)], negatives=False)
+    assert [(s["item"], s["reason"]) for s in result["skipped"]] == [
+        ("cmu-1-small-region.svs:flat", "roi_empty"),
+        ("cmu-1-small-region.svs:reversed", "roi_empty"),
+        ("cmu-1-small-region.svs:outside", "roi_outside_slide"),
+        ("cmu-1-small-region.svs:edge", "roi_smaller_than_patch"),
+        ("cmu-1-small-region.svs:tiny", "roi_smaller_than_patch"),
+        ("cmu-1-small-region.svs:glass", "roi_all_patches_rejected"),
+    ]
+    counts = result["counts"]
+    assert counts["skipped"] == {"roi_empty": 2, "roi_outside_slide": 1, "roi_smaller_than_patch": 2,
+                                 "roi_all_patches_rejected": 1}
+    assert counts["rois_clipped"] == 1
+    # 15 good patches kept; the glass ROI's 2 x 2 grid is rejected for low saturation.
+    assert counts["positive"] == {"kept": 15, "rejected": {"low_saturation": 4}}
+    assert (result["group"] == "p0").all()
+
+
+def test_missing_and_unreadable_slides_raise(tmp_path):
+    rois = np.array([CMU_ROI])
+    with pytest.raises(SlideError, match="not found"):
+        tile_slide(tmp_path / "nope.svs", rois, ["r"], ["p"])
+    corrupt = bytearray(CMU.read_bytes())
+    corrupt[200_000:1_200_000] = bytes(1_000_000)  # wipe JPEG tiles, keep the TIFF directory
+    (tmp_path / "corrupt.svs").write_bytes(bytes(corrupt))
+    with pytest.raises(SlideError, match=r"cannot read slide corrupt\.svs"):
+        tile_slide(tmp_path / "corrupt.svs", rois, ["r"], ["p"])
+
+
+def test_negatives_are_tissue_outside_rois_with_nearest_group(tmp_path):
+    rois = np.array([[900, 600, 1500, 1200], [900, 2000, 1500, 2600]])
+    result = tile_slide(CMU, rois, ["a", "b"], ["upper", "lower"], thumbnail_px=512)
+    negative = result["y"] == 0
+    side = result["patch_level0_px"]
+    xy = result["coords"][negative].astype(float)
+    assert negative.sum() >= 10 and result["counts"]["negative"]["kept"] == negative.sum()
+    for x0, y0, x1, y1 in rois:
+        overlap = (xy[:, 0] < x1) & (xy[:, 0] + side > x0) & (xy[:, 1] < y1) & (xy[:, 1] + side > y0)
+        assert not overlap.any()
+    # Nearest ROI by centre row: above the middle (1600) is "upper", below is "lower".
+    centre_y = xy[:, 1] + side / 2
+    expected = np.where(centre_y < (1200 + 2000) / 2, "upper", "lower")
+    np.testing.assert_array_equal(result["group"][negative], expected)
+    # Kept negatives pass the DLBCL rule measured independently (unblurred HSV, OpenCV 8-bit).
+    hsv = cv2.cvtColor(result["x"][negative].reshape(-1, 96, 3), cv2.COLOR_RGB2HSV).reshape(-1, 96 * 96, 3)
+    assert (hsv[..., 1].mean(axis=1) / 255 > 0.065).all() and (hsv[..., 2].mean(axis=1) / 255 < 0.81).all()
+
+    path = save_overview(tmp_path / "overview" / "cmu.png", result, rois)
+    image = cv2.imread(str(path))
+    assert image.shape == result["thumbnail"].shape
+    blue = (image[..., 0] == 255) & (image[..., 1] == 0) & (image[..., 2] == 0)
+    green = (image[..., 0] == 0) & (image[..., 1] == 200) & (image[..., 2] == 0)
+    assert blue.sum() > 100 and green.sum() > 100
+    assert not list((tmp_path / "overview").glob("*.tmp"))
