@@ -1,0 +1,309 @@
+"""Tests of common/stain.py against torchstain 1.4.1 (Macenko), staintools 2.1.2 (Vahadane, Reinhard),
+a plain per-image OpenCV Reinhard, scikit-learn's positive Lasso, and hand-built edge cases.
+
+Real images come from shared/testdata/real (see its SOURCES.md).
+"""
+
+from functools import cache
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from common import stain
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "real"
+HE = REAL / "he"
+TILES = REAL / "pcam" / "negative_tiles"
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    return np.ascontiguousarray(cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2RGB))
+
+
+def pcam_tiles(names: list[str]) -> np.ndarray:
+    return np.stack([read_rgb(TILES / f"{name}.png")[2:98, 2:98] for name in names])
+
+
+TISSUE_TILES = ["pcam_r0_c07", "pcam_r2_c03", "pcam_r3_c12", "pcam_r0_c01", "pcam_r3_c05", "pcam_r3_c10",
+                "pcam_r1_c15", "pcam_r2_c10"]
+REAL_SOURCES = ["torchstain/source.png", "tiatoolbox/source_image.png",
+                "histolab/medium-nuclei-score-level1.png"]
+
+
+@pytest.fixture(scope="module")
+def target() -> np.ndarray:
+    return read_rgb(HE / "torchstain" / "target.png")
+
+
+@cache
+def fitted_to_target(method: str) -> stain.Normalizer:
+    """One fit per method on torchstain's target image, shared by the tests (fits cost seconds)."""
+    return stain.make_normalizer(method).fit(read_rgb(HE / "torchstain" / "target.png"))
+
+
+def mean_abs(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+def single_stain_patch(od_vector, seed: int) -> np.ndarray:
+    """96x96 patch whose optical density is a random multiple of one stain vector."""
+    rng = np.random.default_rng(seed)
+    direction = np.asarray(od_vector) / np.linalg.norm(od_vector)
+    conc = rng.uniform(0.2, 1.5, (96 * 96, 1))
+    return np.round(255.0 * np.exp(-conc * direction)).astype(np.uint8).reshape(96, 96, 3)
+
+
+# ------------------------------------------------------------------ references
+def test_macenko_matches_torchstain_on_real_he(target):
+    torchstain = pytest.importorskip("torchstain")
+    reference = torchstain.normalizers.MacenkoNormalizer(backend="numpy")
+    reference.fit(target)
+    ours = fitted_to_target("macenko")
+    np.testing.assert_allclose(ours.stain_matrix, reference.HERef.T, atol=1e-4)
+    np.testing.assert_allclose(ours.state["max_concentration"], reference.maxCRef, rtol=1e-4)
+    sources = [read_rgb(HE / name) for name in REAL_SOURCES]
+    for source in sources:
+        expected, _, _ = reference.normalize(source, stains=False)
+        assert mean_abs(ours.transform(source[None])[0], expected) <= 1.0
+    tiles = pcam_tiles(TISSUE_TILES)
+    out = ours.transform(tiles)
+    assert ours.n_unchanged == 0
+    for tile, got in zip(tiles, out, strict=True):
+        expected, _, _ = reference.normalize(tile, stains=False)
+        assert mean_abs(got, expected) <= 1.0
+
+
+def reinhard_opencv(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Plain per-image Reinhard in OpenCV 8-bit Lab with staintools' scaling (the documented convention)."""
+    def lab(image):
+        values = cv2.cvtColor(image, cv2.COLOR_RGB2LAB).astype(np.float32)
+        values[..., 0] /= 2.55
+        values[..., 1:] -= 128.0
+        return values
+    src, tgt = lab(source), lab(target)
+    mean_s, std_s = src.reshape(-1, 3).mean(0, dtype=np.float64), src.reshape(-1, 3).std(0, dtype=np.float64)
+    mean_t, std_t = tgt.reshape(-1, 3).mean(0, dtype=np.float64), tgt.reshape(-1, 3).std(0, dtype=np.float64)
+    out = (src - mean_s) * (std_t / std_s) + mean_t
+    out[..., 0] *= 2.55
+    out[..., 1:] += 128.0
+    return cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
+
+
+def test_reinhard_matches_opencv_convention_and_staintools(target):
+    ours = fitted_to_target("reinhard")
+    staintools = None
+    try:
+        import staintools
+    except ImportError:
+        pass
+    if staintools is not None:
+        theirs = staintools.ReinhardColorNormalizer()
+        theirs.fit(target)
+    sources = [read_rgb(HE / name) for name in REAL_SOURCES]
+    for source in sources + list(pcam_tiles(TISSUE_TILES[:3])):
+        got = ours.transform(source[None])[0]
+        assert mean_abs(got, reinhard_opencv(source, target)) <= 1.0
+        if staintools is not None:
+            assert mean_abs(got, theirs.transform(source)) <= 1.0
+    assert ours.n_unchanged == 0
+
+
+@pytest.mark.parametrize("name", ["torchstain/target.png", "tiatoolbox/source_image.png",
+                                  "histolab/medium-nuclei-score-level1.png"])
+def test_vahadane_matrix_matches_staintools(name):
+    extractor = pytest.importorskip("staintools.stain_extraction.vahadane_stain_extractor")
+    image = read_rgb(HE / name)
+    expected = extractor.VahadaneStainExtractor.get_stain_matrix(image.copy())
+    matrix = stain.make_normalizer("vahadane").fit(image).stain_matrix
+    assert matrix.shape == (2, 3)
+    assert (matrix >= 0).all()
+    np.testing.assert_allclose(np.linalg.norm(matrix, axis=1), 1.0, atol=1e-6)
+    cosine = (matrix * expected).sum(axis=1)  # both have unit rows
+    assert (cosine >= 0.99).all(), cosine
+
+
+def test_nonneg_lasso_matches_sklearn():
+    from sklearn.linear_model import Lasso
+    rng = np.random.default_rng(3)
+    stains = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]], dtype=np.float32)
+    stains /= np.linalg.norm(stains, axis=1, keepdims=True)
+    od = rng.uniform(0.0, 1.5, (3, 80)).astype(np.float32)
+    od[:, :20] = 0.01  # near-empty pixels: both concentrations must be 0
+    got = stain._nonneg_lasso(torch.tensor(stains)[None], torch.tensor(od)[None], 0.05)[0].numpy()
+    # sklearn minimises ||y - Xw||^2 / (2 * n_samples) + alpha * ||w||_1 with n_samples = 3 channels.
+    model = Lasso(alpha=0.05 / 3, positive=True, fit_intercept=False, tol=1e-10, max_iter=100000)
+    for pixel in range(od.shape[1]):
+        model.fit(stains.T.astype(np.float64), od[:, pixel].astype(np.float64))
+        np.testing.assert_allclose(got[:, pixel], model.coef_, atol=2e-5)
+    assert (got[:, :20] == 0).all()
+
+
+# ------------------------------------------------------------------ properties
+@pytest.mark.parametrize("method", ["macenko", "vahadane"])
+def test_stain_matrix_is_h_then_e_unit_nonnegative(method, target):
+    matrix = fitted_to_target(method).stain_matrix
+    assert matrix.shape == (2, 3)
+    assert (matrix >= 0).all()
+    np.testing.assert_allclose(np.linalg.norm(matrix, axis=1), 1.0, atol=1e-9)
+    # Hematoxylin (blue-purple) absorbs red more than eosin (pink) does; eosin's peak is green.
+    assert matrix[0, 0] > matrix[1, 0]
+    assert matrix[1].argmax() == 1
+
+
+@pytest.mark.parametrize("method,reference,limit", [
+    ("macenko", "histolab/tissue-level0-7352-11762-7864-12274.png", 2.0),
+    ("macenko", "tiatoolbox/target_image.png", 2.0),
+    ("vahadane", "histolab/tissue-level0-7352-11762-7864-12274.png", 2.0),
+    ("reinhard", "torchstain/target.png", 1.0),
+    ("reinhard", "tiatoolbox/target_image.png", 1.0),
+])
+def test_reference_normalised_to_itself_barely_changes(method, reference, limit):
+    image = read_rgb(HE / reference)
+    normalizer = stain.make_normalizer(method).fit(image)
+    assert mean_abs(normalizer.transform(image[None])[0], image) <= limit
+
+
+@pytest.mark.parametrize("method", stain.METHODS)
+def test_batch_equals_per_image_and_json_round_trip(method, target):
+    tiles = pcam_tiles(TISSUE_TILES + ["pcam_r0_c06", "pcam_r0_c11"])
+    normalizer = fitted_to_target(method)
+    batch = normalizer.transform(tiles)
+    singles = np.concatenate([normalizer.transform(tile[None]) for tile in tiles])
+    np.testing.assert_array_equal(batch, singles)
+    restored = stain.Normalizer.from_json(normalizer.to_json())
+    np.testing.assert_array_equal(restored.transform(tiles), batch)
+    if method != "none":
+        assert not np.array_equal(batch[:len(TISSUE_TILES)], tiles[:len(TISSUE_TILES)])
+
+
+def test_vahadane_is_deterministic(target):
+    tiles = pcam_tiles(TISSUE_TILES)
+    first = fitted_to_target("vahadane")
+    second = stain.make_normalizer("vahadane").fit(target)
+    np.testing.assert_array_equal(first.stain_matrix, second.stain_matrix)
+    np.testing.assert_array_equal(first.transform(tiles), second.transform(tiles))
+
+
+def test_group_scope_pools_pixels_like_one_stacked_image(target):
+    torchstain = pytest.importorskip("torchstain")
+    reference = torchstain.normalizers.MacenkoNormalizer(backend="numpy")
+    reference.fit(target)
+    tiles = pcam_tiles(TISSUE_TILES[:4])
+    groups = np.array(["slide_b", "slide_a", "slide_b", "slide_a"])
+    normalizer = stain.make_normalizer("macenko", fit_scope="group").fit(target)
+    out = normalizer.transform(tiles, groups=groups)
+    for name in ("slide_a", "slide_b"):
+        members = np.flatnonzero(groups == name)
+        stacked = np.concatenate(list(tiles[members]), axis=0)  # one (192, 96, 3) image
+        expected, _, _ = reference.normalize(stacked, stains=False)
+        assert mean_abs(np.concatenate(list(out[members]), axis=0), expected) <= 1.0
+    per_patch = fitted_to_target("macenko").transform(tiles)
+    assert not np.array_equal(out, per_patch)
+
+
+# ------------------------------------------------------------------ robustness
+def edge_patches() -> dict[str, np.ndarray]:
+    near_white = read_rgb(HE / "histolab" / "almost-white-1.png")[:96, :96]
+    return {
+        "white": np.full((96, 96, 3), 255, np.uint8),
+        "black": np.zeros((96, 96, 3), np.uint8),
+        "flat_pink": np.broadcast_to(np.array([200, 120, 170], np.uint8), (96, 96, 3)).copy(),
+        "near_white_glass": near_white,
+        "pcam_background": pcam_tiles(["pcam_r0_c06"])[0],
+        "eosin_only": single_stain_patch([0.07, 0.99, 0.11], seed=1),
+        "hematoxylin_only": single_stain_patch([0.65, 0.70, 0.29], seed=2),
+    }
+
+
+@pytest.mark.parametrize("method", ["macenko", "vahadane", "reinhard"])
+def test_unusable_patches_are_returned_unchanged_and_counted(method, target):
+    patches = edge_patches()
+    normalizer = fitted_to_target(method)
+    images = np.stack(list(patches.values()))
+    out = normalizer.transform(images)
+    np.testing.assert_array_equal(out, images)
+    assert normalizer.n_unchanged == len(images)
+    tissue = pcam_tiles(TISSUE_TILES[:2])
+    normalizer.transform(tissue)
+    assert normalizer.n_unchanged == 0  # counts the last call only
+
+
+@pytest.mark.parametrize("method", stain.METHODS)
+def test_tiny_8px_patches(method, target):
+    tiles = pcam_tiles(TISSUE_TILES)[:, 40:48, 40:48]
+    normalizer = fitted_to_target(method)
+    out = normalizer.transform(tiles)
+    assert out.shape == tiles.shape and out.dtype == np.uint8
+    if method != "none":
+        assert normalizer.n_unchanged < len(tiles)
+
+
+@pytest.mark.parametrize("method", ["macenko", "vahadane", "reinhard"])
+def test_thousand_random_patches_with_any_background(method, target):
+    rng = np.random.default_rng(7)
+    tiles = pcam_tiles(TISSUE_TILES)[:, :16, :16]
+    images = tiles[rng.integers(0, len(tiles), 1000)].copy()
+    fraction = rng.uniform(0.0, 1.0, 1000)
+    fraction[:20] = 1.0  # some fully white patches
+    background = rng.random((1000, 16, 16)) < fraction[:, None, None]
+    glass = rng.integers(225, 256, (1000, 16, 16, 3), dtype=np.uint8)
+    images[background] = glass[background]
+    normalizer = fitted_to_target(method)
+    out = normalizer.transform(images)
+    assert out.shape == images.shape and out.dtype == np.uint8
+    unchanged = (out == images).all(axis=(1, 2, 3))
+    assert unchanged[:20].all()
+    assert 20 <= normalizer.n_unchanged <= int(unchanged.sum())
+    assert normalizer.n_unchanged < 1000
+
+
+# ------------------------------------------------------------------ API and errors
+def test_unknown_method_or_parameter_names_it():
+    with pytest.raises(ValueError, match="sparse"):
+        stain.make_normalizer("sparse")
+    with pytest.raises(ValueError, match="lambda1"):
+        stain.make_normalizer("vahadane", lambda1=0.1)
+    with pytest.raises(ValueError, match="fit_scope"):
+        stain.make_normalizer("macenko", fit_scope="slide")
+
+
+def test_user_mistakes_raise_stain_error(target):
+    tiles = pcam_tiles(TISSUE_TILES[:2])
+    with pytest.raises(stain.StainError, match="not fitted"):
+        stain.make_normalizer("macenko").transform(tiles)
+    normalizer = stain.make_normalizer("macenko", fit_scope="group").fit(target)
+    with pytest.raises(stain.StainError, match="groups"):
+        normalizer.transform(tiles)
+    with pytest.raises(stain.StainError, match="shape"):
+        normalizer.transform(tiles, groups=np.array(["a"]))
+    with pytest.raises(stain.StainError, match="uint8"):
+        normalizer.transform(tiles.astype(np.float32))
+    with pytest.raises(stain.StainError, match="too little tissue"):
+        stain.make_normalizer("vahadane").fit(np.full((64, 64, 3), 250, np.uint8))
+    with pytest.raises(stain.StainError, match="not a saved"):
+        stain.Normalizer.from_json("{}")
+
+
+def test_choose_reference_picks_the_typical_full_tissue_patch():
+    # 17 half-tissue patches, then 3 full-tissue patches of light, medium and dark purple:
+    # the full ones are the top 10 %; the medium one is nearest to their median OD.
+    half = np.full((17, 32, 32, 3), 255, np.uint8)
+    half[:, :16] = (150, 100, 160)
+    full = np.stack([np.full((32, 32, 3), colour, np.uint8)
+                     for colour in [(180, 140, 190), (140, 90, 150), (90, 40, 110)]])
+    images = np.concatenate([half, full])
+    assert stain.choose_reference(images, seed=0) == 18
+    with pytest.raises(stain.StainError, match="no patch"):
+        stain.choose_reference(np.full((3, 8, 8, 3), 255, np.uint8), seed=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["macenko", "vahadane", "reinhard"])
+def test_cuda_matches_cpu(method, target):
+    tiles = pcam_tiles(TISSUE_TILES)
+    normalizer = fitted_to_target(method)
+    assert mean_abs(normalizer.transform(tiles, device="cuda"), normalizer.transform(tiles)) <= 0.5
