@@ -12,8 +12,9 @@ Writes (runs/<run>/03_normalize/):
     summary.json                                        patches per file, and how many were left
                                                         unchanged (too little tissue to estimate stains)
 
-Reference `auto`: `stain.choose_reference` picks one PCam training patch by a documented rule
-(tissue-rich, typical stain), so both datasets move to PCam's colours.
+Reference `auto`: the pooled stain estimate of 64 seeded random PCam training patches (one 96x96
+patch gives a noisy stain matrix), so both datasets move to PCam's colours. Patches too poor in tissue
+to estimate their own stains are returned unchanged and counted.
 
 Usage:
     python 03_normalize.py --config config.yaml [--set normalize.methods=[macenko]]
@@ -42,10 +43,12 @@ from common.patchset import (
 )
 
 STEP = "03_normalize"
+AUTO_REFERENCE_PATCHES = 64
 
 
 def load_reference(cfg: dict, pcam_train: PatchSet) -> tuple[np.ndarray, str]:
-    """The uint8 (H, W, 3) RGB reference and a description of where it came from."""
+    """The reference: uint8 (H, W, 3) RGB from a file, or for `auto` uint8 (K, 96, 96, 3) PCam training
+    patches whose pooled stain estimate is the target (one 96x96 patch is too noisy to trust)."""
     ref = cfg["normalize"]["reference"]
     if ref != "auto":
         image = cv2.imread(ref, cv2.IMREAD_COLOR)
@@ -53,9 +56,8 @@ def load_reference(cfg: dict, pcam_train: PatchSet) -> tuple[np.ndarray, str]:
             raise UserError(f"config key normalize.reference = {ref!r}: not a readable image")
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), ref
     rng = np.random.default_rng(cfg["run"]["seed"])
-    sample = np.sort(rng.choice(len(pcam_train), min(2000, len(pcam_train)), replace=False))
-    chosen = int(sample[stain.choose_reference(pcam_train.x[sample], cfg["run"]["seed"])])
-    return pcam_train.x[chosen], f"auto: PCam train patch {chosen}"
+    chosen = np.sort(rng.choice(len(pcam_train), min(AUTO_REFERENCE_PATCHES, len(pcam_train)), replace=False))
+    return pcam_train.x[chosen], f"auto: {len(chosen)} random PCam train patches, pooled"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(sets["pcam_train"]) == 0:
         raise UserError(f"{inputs['pcam_train']} holds no patches")
     reference, ref_from = load_reference(cfg, sets["pcam_train"])
-    plots.contact_sheet(out / "reference.png", reference[None] if reference.shape[0] <= 256 else
-                        cv2.resize(reference, (256, 256), interpolation=cv2.INTER_AREA)[None])
+    plots.contact_sheet(out / "reference.png", reference if reference.ndim == 4 else reference[None], ncols=8)
     print(f"   reference {ref_from}; fit scope {nc['fit_scope']}; methods {', '.join(nc['methods'])}")
 
     rng = np.random.default_rng(cfg["run"]["seed"])

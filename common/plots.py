@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import matplotlib
 import numpy as np
+from scipy.ndimage import gaussian_filter
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
@@ -107,12 +108,17 @@ def cluster_scatter(path: Path, points: np.ndarray, source: np.ndarray, cluster:
     """Thesis Figures 10-12: the first two PCA components coloured by source (left) and by K-means
     cluster (right), with a density contour per source."""
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 4))
+    # shared bins, robust to outliers, smoothed: contours of where each source's mass lies
+    lo, hi = np.percentile(points[:, :2], [1, 99], axis=0)
+    bins = [np.linspace(lo[0], hi[0], 31), np.linspace(lo[1], hi[1], 31)]
     for name, colour in (("pcam", "tab:blue"), ("dlbcl", "tab:orange")):
         sel = source == name
         ax1.scatter(points[sel, 0], points[sel, 1], s=4, alpha=0.5, c=colour, label=name)
         if sel.sum() > 2:
-            hist, xe, ye = np.histogram2d(points[sel, 0], points[sel, 1], bins=40)
-            ax3.contour((xe[:-1] + xe[1:]) / 2, (ye[:-1] + ye[1:]) / 2, hist.T, levels=5, colors=colour)
+            hist, xe, ye = np.histogram2d(points[sel, 0], points[sel, 1], bins=bins)
+            hist = gaussian_filter(hist / hist.sum(), 1.5)
+            ax3.contour((xe[:-1] + xe[1:]) / 2, (ye[:-1] + ye[1:]) / 2, hist.T, colors=colour,
+                        levels=hist.max() * np.array([0.1, 0.3, 0.6, 0.9]))
     for k in np.unique(cluster):
         sel = cluster == k
         ax2.scatter(points[sel, 0], points[sel, 1], s=4, alpha=0.5, label=f"cluster {k}")
