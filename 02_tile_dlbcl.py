@@ -16,6 +16,7 @@ Usage:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import sys
 import time
@@ -115,10 +116,10 @@ def main(argv: list[str] | None = None) -> int:
                      "overview": str(out / "overview" / f"{tma_id}.png")})
 
     # ---- tile the slides in parallel; collect patches in slide order
-    results = []
-    with ProcessPoolExecutor(max_workers=min(t["workers"], max(1, len(jobs)))) as pool:
-        for res in tqdm(pool.map(tile_one, jobs), total=len(jobs), desc="tile slides", unit="slide"):
-            results.append(res)
+    workers = min(t["workers"], max(1, len(jobs)))
+    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else contextlib.nullcontext() as pool:
+        mapped = pool.map(tile_one, jobs) if pool else map(tile_one, jobs)  # one worker: in-process
+        results = list(tqdm(mapped, total=len(jobs), desc="tile slides", unit="slide"))
     per_slide, parts = {}, []
     for res in results:
         if "error" in res:

@@ -73,7 +73,10 @@ def analyse(feats: np.ndarray, source: np.ndarray, cc: dict, seed: int) -> tuple
     cluster = KMeans(n_clusters=2, init="k-means++", n_init=cc["n_init"], random_state=seed).fit_predict(points)
     truth = (source == "dlbcl").astype(int)
     row = metrics.cluster_metrics(points, truth, cluster, seed=seed)
-    probe_feats = feats if feats.shape[1] <= PROBE_MAX_DIM else PCA(128, random_state=seed).fit_transform(feats)
+    if feats.shape[1] <= PROBE_MAX_DIM:
+        probe_feats = feats
+    else:
+        probe_feats = PCA(min(128, len(feats) - 1), random_state=seed).fit_transform(feats)
     row["domain_probe"] = metrics.domain_probe(probe_feats, truth, seed=seed)
     return row, points, cluster
 

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ SCRIPTS = ["01_filter_pcam", "02_tile_dlbcl", "03_normalize", "04_cluster", "05_
 def load_script(stem: str):
     spec = importlib.util.spec_from_file_location(f"step_{stem}", ROOT / f"{stem}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # so worker processes can pickle its functions
     spec.loader.exec_module(module)
     return module
 

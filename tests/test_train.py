@@ -19,6 +19,7 @@ from tests.test_data import write_sources
 def load_script(stem: str):
     spec = importlib.util.spec_from_file_location(f"step_{stem}", ROOT / f"{stem}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # so worker processes can pickle its functions
     spec.loader.exec_module(module)
     return module
 
