@@ -27,9 +27,11 @@ pale and dense tissue alike), so it is there for reproduction only.
 ``DEFAULT_THRESHOLDS`` does what the thesis meant, and was checked on real images (see
 ``tests/test_filters.py``): H&E hue sits between hematoxylin blue-violet and eosin pink-red, measured
 0.69..0.96 on real tissue, while DAB brown sits at 0.05..0.07 and blank glass has mean saturation
-<= 0.035 (real tissue >= 0.086, PCam patches with a few strands included). Hence a hue range wrapping
-from blue (0.60) through violet and pink to red (0.02), a saturation floor of 0.06 between glass and the
-palest tissue, no brightness ceiling (pale tissue reaches V = 0.96, as bright as glass) and a brightness
+<= 0.035 (real tissue >= 0.086, PCam patches with a few strands included). Hence a hue range from blue
+(0.60) through violet to pink (0.975), a saturation floor of 0.06 between glass and the
+palest tissue (the range stops at 0.975, short of red: IHC with a blue hematoxylin counterstain averages
+to 0.98..0.035 -- brown plus blue -- as the demo's IHC patches show, and real tissue stays <= 0.96;
+blood-filled patches, hue ~0.98, are the price), no brightness ceiling (pale tissue reaches V = 0.96, as bright as glass) and a brightness
 floor of 0.25 that only drops near-black patches (ink, scanner fill; real tissue >= 0.50). Measured on
 209 tissue, 57 glass and 209 DAB-restained patches: keeps 100 % of tissue, rejects 100 % of glass and
 100 % of the brown patches.
@@ -56,7 +58,7 @@ THESIS_PRESET = {
 }
 
 DEFAULT_THRESHOLDS = {
-    "hue_range": (0.60, 0.02),
+    "hue_range": (0.60, 0.975),
     "saturation_range": (0.06, None),
     "value_range": (0.25, None),
     "blur_sigma_px": 1.0,

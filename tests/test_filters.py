@@ -247,3 +247,20 @@ def test_thesis_preset_and_dlbcl_quality_on_real_patches(real_sets):
     # DLBCL rule (S > 0.07, V < 0.8) has no hue test: all glass goes, the brown patches mostly stay.
     assert dlbcl["kept_fraction_by_label"]["glass"] == 0.0
     assert dlbcl["kept_fraction_by_label"]["ihc"] > 0.3
+
+
+def test_defaults_reject_counterstained_ihc_of_the_demo(tmp_path):
+    """IHC with a blue hematoxylin counterstain (brown + blue) averages to a red hue: still rejected."""
+    import json
+
+    from common.demo import write_demo_pcam
+
+    write_demo_pcam(tmp_path, {"train": 200, "valid": 8, "test": 8}, seed=3, junk_fraction=0.3)
+    junk = json.loads((tmp_path / "demo_junk.json").read_text())["train"]
+    with h5py.File(tmp_path / "camelyonpatch_level_2_split_train_x.h5") as f:
+        x = f["x"][:]
+    keep, _ = filter_patches(x, **DEFAULT_THRESHOLDS)
+    ihc, blank = np.array(junk["ihc"]), np.array(junk["blank"])
+    tissue = np.setdiff1d(np.arange(len(x)), np.concatenate([ihc, blank, np.array(junk["blur"])]))
+    assert (~keep[ihc]).mean() >= 0.9 and (~keep[blank]).all()
+    assert keep[tissue].mean() >= 0.98
