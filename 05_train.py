@@ -72,8 +72,8 @@ def train_one_epoch(model, criterion, optimizer, split: data.Split, mean, std, t
         idx = np.sort(order[start:start + tc["batch_size"]])
         batch = torch.from_numpy(split.x[idx]).to(device, non_blocking=True)
         labels = labels_all[idx].to(device, non_blocking=True)
+        batch = data.augment(batch, generator, tc["augment_flips"], tc["augment_rot90"])
         inputs = models.to_input(batch, mean_t, std_t, tc["channels_last"] and use_cuda)
-        inputs = data.augment(inputs, generator, tc["augment_flips"], tc["augment_rot90"])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc["bf16"] and use_cuda):
             logits = model(inputs)
             loss = engine.loss_value(criterion, logits.float(), labels)

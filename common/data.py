@@ -16,6 +16,7 @@ label) and read back by 06 and 07, so they see exactly the patches 05 used.
 from __future__ import annotations
 
 import csv
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,28 +203,41 @@ def mean_std(x: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
     return (mean / 255).astype(np.float32), (std / 255).astype(np.float32)
 
 
-def augment(batch: torch.Tensor, generator: torch.Generator, flips: bool, rot90: bool) -> torch.Tensor:
-    """Random flips and 90° rotations of a (N, C, H, W) batch, per image, on the batch's device.
+@functools.lru_cache(maxsize=8)
+def _dihedral_maps(side_px: int, device: str) -> torch.Tensor:
+    """int64 (8, side*side): for each dihedral transform (k quarter turns, then a horizontal flip for
+    transforms 4-7), the source pixel of every output pixel, in row-major order."""
+    grid = torch.arange(side_px * side_px).view(side_px, side_px)
+    views = [torch.rot90(grid, k) for k in range(4)]
+    views += [v.flip(1) for v in views]
+    return torch.stack([v.reshape(-1) for v in views]).to(device)
 
-    The random draws come from `generator` (on the CPU) so runs are reproducible on any device.
+
+def augment(batch: torch.Tensor, generator: torch.Generator, flips: bool, rot90: bool) -> torch.Tensor:
+    """Random flips and 90° turns of uint8 (N, H, W, C) patches, each its own, in one gather on the
+    batch's device (on uint8, a quarter of the bytes of the float input).
+
+    flips: random horizontal and vertical flips; rot90: random quarter turns. Both: a uniform draw
+    from the 8 dihedral transforms. The draws come from `generator` (CPU), so runs are reproducible
+    on any device.
     """
-    n = batch.shape[0]
-    if flips:
-        flip_h = torch.rand(n, generator=generator).to(batch.device) < 0.5
-        flip_v = torch.rand(n, generator=generator).to(batch.device) < 0.5
-        batch = torch.where(flip_h[:, None, None, None], batch.flip(3), batch)
-        batch = torch.where(flip_v[:, None, None, None], batch.flip(2), batch)
-    if rot90:
-        k = torch.randint(0, 4, (n,), generator=generator).to(batch.device)
-        out = batch.clone()
-        for turns in (1, 2, 3):  # four groups, not a loop over images
-            sel = k == turns
-            out[sel] = torch.rot90(batch[sel], turns, dims=(2, 3))
-        batch = out
-    return batch
+    n, h, w, c = batch.shape
+    if not (flips or rot90) or n == 0:
+        return batch
+    if h != w:
+        raise ValueError(f"augment needs square patches, got {h}x{w}")
+    if rot90:  # uniform over the 8 transforms, or the 4 turns
+        transform = torch.randint(0, 8 if flips else 4, (n,), generator=generator)
+    else:  # independent horizontal and vertical flips: id 0, horizontal 4, vertical 6, both 2 (a half turn)
+        flip_h, flip_v = torch.randint(0, 2, (2, n), generator=generator)
+        transform = 2 * flip_v + 4 * (flip_h ^ flip_v)
+    maps = _dihedral_maps(h, str(batch.device))[transform.to(batch.device)]  # (N, H*W)
+    flat = batch.reshape(n, h * w, c)
+    return torch.gather(flat, 1, maps[..., None].expand(-1, -1, c)).view(n, h, w, c)
 
 
 def dihedral(batch: torch.Tensor) -> list[torch.Tensor]:
-    """The 8 dihedral transforms of a (N, C, H, W) batch (test-time augmentation)."""
+    """The 8 dihedral transforms of a (N, C, H, W) batch (test-time augmentation): k quarter turns,
+    then the same with a horizontal flip, in the order of `augment`'s transforms."""
     views = [torch.rot90(batch, k, dims=(2, 3)) for k in range(4)]
     return views + [v.flip(3) for v in views]

@@ -223,9 +223,10 @@ def to_input(
     device = x_uint8_batch.device
     mean = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    x = x_uint8_batch.permute(0, 3, 1, 2).float().div_(255.0).sub_(mean).div_(std)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return x.contiguous(memory_format=memory_format)
+    # transpose the uint8 (4x fewer bytes), then one fused uint8 -> float multiply-add
+    x = x_uint8_batch.permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
+    return torch.addcmul(-mean / std, x, 1.0 / (255.0 * std))
 
 
 def extract_features(

@@ -84,11 +84,31 @@ def test_mean_std_matches_numpy():
 
 
 def test_augment_applies_a_dihedral_transform_per_image():
-    batch = torch.arange(16 * 3 * 5 * 5, dtype=torch.float32).reshape(16, 3, 5, 5)
-    out = data.augment(batch, torch.Generator().manual_seed(0), flips=True, rot90=True)
-    views = torch.stack(data.dihedral(batch))  # (8, N, C, H, W)
-    matches = (views == out[None]).flatten(2).all(2)  # (8, N)
-    assert matches.any(0).all()  # every image is one of its 8 dihedral views
-    assert len({int(m.nonzero()[0]) for m in matches.T}) > 2  # and not all the same transform
-    again = data.augment(batch, torch.Generator().manual_seed(0), flips=True, rot90=True)
-    assert torch.equal(out, again)
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 256, (64, 7, 7, 3), dtype=np.uint8)
+    out = data.augment(torch.from_numpy(batch), torch.Generator().manual_seed(0), flips=True, rot90=True).numpy()
+    # the 8 dihedral views of each image, built independently with numpy
+    views = [np.rot90(batch, k, axes=(1, 2)) for k in range(4)]
+    views = np.stack(views + [v[:, :, ::-1] for v in views])  # (8, N, H, W, C)
+    matches = (views == out[None]).reshape(8, 64, -1).all(2)
+    assert matches.any(0).all()  # every image is one of its own 8 views
+    assert len(set(matches.argmax(0).tolist())) == 8  # all 8 transforms occur in 64 draws
+    again = data.augment(torch.from_numpy(batch), torch.Generator().manual_seed(0), flips=True, rot90=True)
+    assert np.array_equal(out, again.numpy())
+
+
+def test_augment_flips_only_and_turns_only():
+    batch = np.random.default_rng(1).integers(0, 256, (64, 5, 5, 3), dtype=np.uint8)
+    gen = torch.Generator().manual_seed(0)
+    flipped = data.augment(torch.from_numpy(batch), gen, flips=True, rot90=False).numpy()
+    allowed = np.stack([batch, batch[:, :, ::-1], batch[:, ::-1], batch[:, ::-1, ::-1]])
+    assert ((allowed == flipped[None]).reshape(4, 64, -1).all(2)).any(0).all()
+    turned = data.augment(torch.from_numpy(batch), gen, flips=False, rot90=True).numpy()
+    allowed = np.stack([np.rot90(batch, k, axes=(1, 2)) for k in range(4)])
+    assert ((allowed == turned[None]).reshape(4, 64, -1).all(2)).any(0).all()
+
+
+def test_dihedral_views_are_the_eight_transforms():
+    batch = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    views = torch.stack(data.dihedral(batch))
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8
