@@ -8,7 +8,10 @@ Writes (runs/<run>/02_tile_dlbcl/):
     dlbcl.h5                     patch set: y = 1 inside an ROI (lymphoma), 0 tissue outside every
                                  ROI (the thesis's "remaining areas"); group = patient id; coords level-0
     overview/<tma_id>.png        thumbnail with ROIs, kept (green) and rejected (red) patch boxes
-    summary.json                 counts per slide, and every skipped row or slide with its reason
+    summary.json                 counts per slide, and every skipped row, ROI or slide with its reason:
+                                 malformed_row, missing_slide, slide_error (unreadable, no mpp),
+                                 roi_empty, roi_outside_slide, roi_smaller_than_patch,
+                                 roi_all_patches_rejected
 
 Usage:
     python 02_tile_dlbcl.py --config config.yaml [--set tile_dlbcl.mpp_override=0.25]
@@ -48,7 +51,8 @@ def read_annotations(path: Path, stain: str) -> tuple[dict[str, list], list[dict
     skipped = []
     for number, row in enumerate(rows[has_header:], start=1 + has_header):
         if len(row) < 7 or not all(_is_number(v) for v in row[3:7]):
-            skipped.append({"item": f"annotations.csv row {number}", "reason": f"malformed row {row!r}"})
+            skipped.append({"item": f"annotations.csv row {number}", "reason": "malformed_row",
+                            "detail": f"expected 7 columns with numeric xs, ys, xe, ye, got {row!r}"})
             continue
         if row[2].strip() != stain:
             continue
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     for tma_id, rois in sorted(by_slide.items()):
         path = tma / t["stain"] / f"{tma_id}.svs"
         if not path.is_file():
-            skipped.append({"item": f"slide {tma_id}", "reason": f"missing slide file {path}"})
+            skipped.append({"item": f"slide {tma_id}", "reason": "missing_slide", "detail": str(path)})
             continue
         jobs.append({"tma_id": tma_id, "path": str(path), "rois": rois, "params": t,
                      "overview": str(out / "overview" / f"{tma_id}.png")})
@@ -123,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     per_slide, parts = {}, []
     for res in results:
         if "error" in res:
-            skipped.append({"item": f"slide {res['tma_id']}", "reason": res["error"]})
+            skipped.append({"item": f"slide {res['tma_id']}", "reason": "slide_error", "detail": res["error"]})
             continue
         skipped += res["skipped"]
         per_slide[res["tma_id"]] = {"level": res["level"], "counts": res["counts"], "kept": len(res["y"])}
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"   wrote {len(keep)} patches ({n_pos} lymphoma, {n_neg} negative) from {len(parts)} slides; "
           f"{len(skipped)} items skipped (see summary.json)")
     for item in skipped[:10]:
-        print(f"   skipped {item['item']}: {item['reason']}")
+        print(f"   skipped {item['item']}: {item['reason']} ({item.get('detail', '')})")
     return 0
 
 

@@ -101,6 +101,15 @@ def validate(model, criterion, split: data.Split, mean, std, tc: dict, device) -
     return {"valid_loss": loss, "valid_acc": acc}
 
 
+def tensorboard_writer(folder: Path):
+    """A TensorBoard writer into the experiment folder when tensorboard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(folder / "tensorboard"))
+
+
 def resume_from(tc: dict, folder) -> dict | None:
     if tc["resume"] == "never":
         return None
@@ -170,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     log_path = folder / "log.jsonl"
     if checkpoint is None and rank == 0:
         log_path.unlink(missing_ok=True)
+    board = tensorboard_writer(folder) if rank == 0 else None
     for epoch in range(state["epoch"], tc["epochs"]):
         record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
         record |= train_one_epoch(net, criterion, optimizer, train, mean, std, tc, epoch, seed, device, rank, world)
@@ -191,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.copyfile(folder / "last.pt", folder / f"{name}.pt")
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if board is not None:
+                for key, value in record.items():
+                    board.add_scalar(key, value, epoch + 1)
             print(f"   epoch {epoch + 1:3d}  loss {record['train_loss']:.4f}/{record['valid_loss']:.4f}  "
                   f"acc {record['train_acc']:.4f}/{record['valid_acc']:.4f}  lr {record['lr']:.1e}  "
                   f"{record['images_per_s']:.0f} img/s")
@@ -198,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   early stop: no validation-loss improvement for {state['bad_epochs']} epochs")
             break
 
+    if board is not None:
+        board.close()
     if rank == 0:
         log = [json.loads(line) for line in log_path.read_text().splitlines()]
         plots.training_curves(folder / "curves.png", log)

@@ -26,7 +26,8 @@ def user_errors() -> tuple[type[Exception], ...]:
     from common.models import WeightsError
     from common.slides import SlideError
 
-    return UserError, SlideError, WeightsError, FileNotFoundError
+    # FloatingPointError: a non-finite training loss, stopped with a message naming the epoch and batch
+    return UserError, SlideError, WeightsError, FileNotFoundError, FloatingPointError
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:

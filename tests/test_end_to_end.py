@@ -8,6 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from sklearn.metrics import (
+    accuracy_score,
+    adjusted_rand_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
 
 from common import demo
 from tests.conftest import ROOT
@@ -58,10 +66,17 @@ def test_all_seven_steps(tiny_config: Path):
     # 01 rejected the demo's junk and kept most tissue
     s01 = json.loads((run / "01_filter_pcam" / "summary.json").read_text())
     assert 0 < s01["splits"]["train"]["kept"] < 96
-    # 04 wrote a row per (features, method), recomputable from assignments.csv
+    # 04 wrote a row per (features, method); accuracy and ARI recompute exactly from assignments.csv
     rows = json.loads((run / "04_cluster" / "metrics.json").read_text())["rows"]
     assert {(r["features"], r["method"]) for r in rows} == {
         (f, m) for f in ("pixels", "resnet18") for m in ("none", "macenko", "vahadane", "reinhard")}
+    table = np.loadtxt(run / "04_cluster" / "assignments.csv", delimiter=",", dtype=str, skiprows=1)
+    for r in rows:
+        sel = (table[:, 0] == r["features"]) & (table[:, 1] == r["method"])
+        truth, cluster = (table[sel, 3] == "dlbcl").astype(int), table[sel, 4].astype(int)
+        agree = float((truth == cluster).mean())
+        assert r["accuracy"] == pytest.approx(max(agree, 1 - agree), abs=1e-12)  # two clusters: either matching
+        assert r["ari"] == pytest.approx(adjusted_rand_score(truth, cluster), abs=1e-12)
     # 06: metrics for each task, consistent with predictions.csv
     for task, n_classes in (("pcam", 2), ("dlbcl", 2), ("mixed", 3)):
         folder = run / "06_evaluate" / f"{task}_resnet18"
@@ -71,7 +86,18 @@ def test_all_seven_steps(tiny_config: Path):
         probs = body[:, [header.index(c) for c in header if c.startswith("p_")]].astype(float)
         assert probs.shape[1] == n_classes
         labels = body[:, header.index("label")].astype(int)
-        assert m["accuracy"] == pytest.approx(float((probs.argmax(1) == labels).mean()), abs=1e-9)
-        assert {"accuracy", "auc", "per_class", "confusion_matrix"} <= set(m)
+        pred = probs.argmax(1)
+        assert (pred == body[:, header.index("pred")].astype(int)).all()
+        assert m["accuracy"] == pytest.approx(accuracy_score(labels, pred), abs=1e-6)
+        assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, pred), abs=1e-6)
+        auc = (roc_auc_score(labels, probs[:, 1]) if n_classes == 2
+               else roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
+        assert m["auc"] == pytest.approx(auc, abs=1e-6)
+        p, r, f1, _ = precision_recall_fscore_support(labels, pred, labels=range(n_classes), zero_division=0)
+        for k, name in enumerate(m["class_names"]):
+            assert m["per_class"][name]["precision"] == pytest.approx(p[k], abs=1e-6)
+            assert m["per_class"][name]["recall"] == pytest.approx(r[k], abs=1e-6)
+            assert m["per_class"][name]["f1"] == pytest.approx(f1[k], abs=1e-6)
+        assert m["confusion_matrix"] == confusion_matrix(labels, pred, labels=range(n_classes)).tolist()
         assert (run / "07_gradcam" / f"{task}_resnet18" / "cam_stats.json").is_file()
         assert list((run / "07_gradcam" / f"{task}_resnet18").glob("grid_*.png"))
