@@ -4,7 +4,9 @@ Reads:  runs/<run>/05_train/<experiment>/{split.csv, experiment.json, <evaluate.
         runs/<run>/03_normalize/<method>/*.h5
 Writes (runs/<run>/06_evaluate/<experiment>/):
     metrics.json      accuracy, balanced_accuracy, auc, per_class P/R/F1, confusion_matrix,
-                      bootstrap 95 % CIs, and for `mixed` a per-source breakdown
+                      bootstrap 95 % CIs, for `mixed` a per-source breakdown, and
+                      colour_baseline_accuracy: a classifier on per-patch mean colour alone (how much
+                      of the task colour gives away; the model should beat it by far)
     predictions.csv   file, index, group, source, label, p_<class> per class, pred
     roc.png, confusion.png
     tables.md         Table 1 (binary) or Table 2 (mixed) layout, the thesis's values beside ours
@@ -21,11 +23,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from common import cli, data, engine, metrics, plots
 from common.patchset import atomic_path, require_step, step_dir, write_json, write_summary
 
 STEP = "06_evaluate"
+COLOUR_BASELINE_PATCHES = 20000
 # Thesis Tables 1-2: (task, model) -> {class: (P, R, F1)} and accuracy, in %
 THESIS = {
     ("pcam", "resnet18"): ({"metastasis": (94.9, 77.2, 85.1), "negative": (80.8, 95.8, 87.7)}, 86.5),
@@ -65,6 +71,19 @@ def write_predictions(path: Path, test: data.Split, probs: np.ndarray, class_nam
         np.savetxt(tmp, table, fmt="%s", delimiter=",", comments="", header=",".join(columns))
 
 
+def colour_baseline(cols: dict, source: Path, test: data.Split, seed: int) -> float:
+    """Test accuracy of a logistic regression on per-patch mean colour alone (mean R, G, B), trained on (at
+    most 20,000 of) the training patches: how much of the task colour gives away."""
+    train = data.load_split(cols, "train", source, limit=COLOUR_BASELINE_PATCHES, seed=seed)
+
+    def colour(x: np.ndarray) -> np.ndarray:
+        return x.reshape(len(x), -1, 3).mean(1, dtype=np.float64)
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    clf.fit(colour(train.x), train.label)
+    return float((clf.predict(colour(test.x)) == test.label).mean())
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.time()
     cfg, device = cli.start(argv, __doc__, STEP)
@@ -86,12 +105,15 @@ def main(argv: list[str] | None = None) -> int:
         m["per_source"] = {src: {"n": int((test.source == src).sum()),
                                  "accuracy": float((probs.argmax(1) == test.label)[test.source == src].mean())}
                            for src in np.unique(test.source)}
+    m["colour_baseline_accuracy"] = colour_baseline(cols, source, test, seed)
     m |= {"n_test": len(test), "checkpoint": ec["checkpoint"], "tta": ec["tta"], "class_names": class_names}
     write_predictions(folder / "predictions.csv", test, probs, class_names)
     write_json(folder / "metrics.json", m)
     plots.roc_curves(folder / "roc.png", metrics.roc_points(test.label, probs, class_names), folder.name)
     plots.confusion(folder / "confusion.png", np.array(m["confusion_matrix"]), class_names, folder.name)
-    table = thesis_table(meta["task"], meta["model"], m)
+    table = thesis_table(meta["task"], meta["model"], m) + (
+        f"\nColour-only baseline (logistic regression on per-patch mean RGB): "
+        f"{100 * m['colour_baseline_accuracy']:.1f} % accuracy.\n")
     with atomic_path(folder / "tables.md") as tmp:
         tmp.write_text(table)
     write_summary(folder, STEP, cfg, started, experiment=folder.name, accuracy=m["accuracy"], auc=m["auc"])
@@ -99,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     write_summary(folder.parent, STEP, cfg, started, experiments=done)
     ci = m["ci95"]["accuracy"]
     print(f"   accuracy {m['accuracy']:.4f} (95 % CI {ci[0]:.4f}-{ci[1]:.4f})  balanced "
-          f"{m['balanced_accuracy']:.4f}  AUC {m['auc']:.4f}\n\n{table}")
+          f"{m['balanced_accuracy']:.4f}  AUC {m['auc']:.4f}  colour-only baseline "
+          f"{m['colour_baseline_accuracy']:.4f}\n\n{table}")
     return 0
 
 

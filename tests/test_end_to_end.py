@@ -98,6 +98,7 @@ def test_all_seven_steps(tiny_config: Path):
             assert m["per_class"][name]["precision"] == pytest.approx(p[k], abs=1e-6)
             assert m["per_class"][name]["recall"] == pytest.approx(r[k], abs=1e-6)
             assert m["per_class"][name]["f1"] == pytest.approx(f1[k], abs=1e-6)
+        assert 0 <= m["colour_baseline_accuracy"] <= 1
         assert m["confusion_matrix"] == confusion_matrix(labels, pred, labels=range(n_classes)).tolist()
         assert (run / "07_gradcam" / f"{task}_resnet18" / "cam_stats.json").is_file()
         assert list((run / "07_gradcam" / f"{task}_resnet18").glob("grid_*.png"))
