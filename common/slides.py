@@ -5,7 +5,10 @@ downsample is ``target_mpp / mpp``, patches are read from the coarsest pyramid l
 coarser than that (with a relative tolerance, because Aperio downsamples are like 4.00008) and
 shrunk to ``patch_size_px`` with ``cv2.INTER_AREA``; nothing is ever upsampled beyond the tolerance.
 Every read is at most ``max_read_px`` per side, so a 100k x 100k single-level slide stays bounded in
-memory. Transparent pixels (outside the scanned area) are composited on white.
+memory. Patches are read as strips of grid neighbours (their own pixels only, not the glass between
+them), in row order so that OpenSlide's tile cache serves shared tiles, on a few threads; at PCam
+scale OpenSlide's ``read_region`` is then ~85 % of the time. Transparent pixels (outside the scanned
+area) are composited on white.
 
 Inputs: a slide path, ROI boxes ``int (R, 4)`` as (xs, ys, xe, ye) in level-0 pixels (xe, ye
 exclusive), one id and one group (patient id) per ROI.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -38,6 +42,11 @@ TISSUE_MIN_SATURATION = 0.07
 NEGATIVE_MIN_TISSUE_FRACTION = 0.5
 # Patches read and filtered per batch, so rejected pixels never pile up (~113 MB of 96 px patches).
 _PATCH_BATCH = 4096
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class SlideError(ValueError):
@@ -132,7 +141,12 @@ def pick_level(level_downsamples, wanted_downsample: float, rel_tolerance: float
 
 
 def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
-    """uint8 RGBA (not premultiplied, as OpenSlide returns it) -> uint8 RGB over a white background."""
+    """uint8 RGBA (not premultiplied, as OpenSlide returns it) -> uint8 RGB over a white background.
+
+    Scanned areas are opaque, so the cheap alpha test usually skips the arithmetic.
+    """
+    if rgba[..., 3].min() == 255:
+        return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
     rgb = rgba[..., :3].astype(np.uint16)
     alpha = rgba[..., 3:4].astype(np.uint16)
     return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
@@ -177,9 +191,10 @@ def roi_grid(roi, patch_level0_px: float) -> np.ndarray:
 def _resize_batch(crops: np.ndarray, size_px: int) -> np.ndarray:
     """Resize uint8 (K, s, s, 3) to (K, size_px, size_px, 3) with INTER_AREA, all patches per call.
 
-    INTER_AREA is separable when shrinking, so two 1-D passes over patches stacked along the untouched
-    axis (in float, rounded half up once at the end, as OpenCV does) equal a 2-D ``cv2.resize`` of each
-    patch; enlarging (only within the level tolerance) may differ from it by 1.
+    Used when enlarging (s < size_px, only within the level tolerance), where one resize of patches
+    side by side would interpolate across their edges. Two 1-D passes over patches stacked along the
+    untouched axis (in float, rounded half up once at the end) never mix patches; they may differ from a
+    2-D ``cv2.resize`` of each patch by 1.
     """
     k, side = crops.shape[:2]
     flat = crops.astype(np.float32).reshape(k * side, side, 3)
@@ -190,17 +205,69 @@ def _resize_batch(crops: np.ndarray, size_px: int) -> np.ndarray:
     return np.clip(np.floor(both + 0.5), 0, 255).astype(np.uint8)
 
 
-def read_patches(slide, coords_level0, patch_level0_px: float, level: int, patch_size_px: int = 96,
-                 max_read_px: int = 4096) -> np.ndarray:
-    """Read square patches through bounded region reads and shrink them to ``patch_size_px``.
+def _strips(coords: np.ndarray, downsample: float, crop_px: int, max_read_px: int) -> list[np.ndarray]:
+    """Group patches into horizontal strips, one region read each, in row-major reading order.
 
-    Patches are grouped into regions of at most ``max_read_px`` level px per side and read row by row
-    (so OpenSlide's tile cache is reused). Each patch is cut from its region at its own position
-    (``round(patch_level0_px / downsample)`` level px, placed to the nearest level px) and shrunk with
-    ``cv2.INTER_AREA``, all patches of a region at once. The result does not depend on
-    ``max_read_px``. When ``patch_level0_px / patch_size_px`` equals the level's integer downsample
-    and the patches lie on a grid of that step (``roi_grid``), it equals a direct ``read_region`` of
-    each patch at that level.
+    A strip holds patches with the same top edge whose successive gaps are at most a quarter patch
+    (grid neighbours: gaps of 0 or 1 px from flooring a fractional step) and spans at most
+    ``max_read_px`` level px. Returns index arrays into ``coords``, each sorted by x.
+    """
+    order = np.lexsort((coords[:, 0], coords[:, 1]))
+    x_level = coords[order, 0] / downsample
+    y = coords[order, 1]
+    gap_px = x_level[1:] - (x_level[:-1] + crop_px)
+    run_start = np.concatenate([[True], (y[1:] != y[:-1]) | (gap_px > crop_px / 4)])
+    run_id = np.cumsum(run_start) - 1
+    run_origin = x_level[run_start][run_id]
+    # Cut long runs into pieces of fixed width from the run's first patch; one level px of slack for
+    # rounding keeps each read within max_read_px.
+    piece = np.floor((x_level - run_origin) / (max_read_px - crop_px - 1)).astype(np.int64)
+    new_strip = np.concatenate([[True], (run_id[1:] != run_id[:-1]) | (piece[1:] != piece[:-1])])
+    return np.split(order, np.flatnonzero(new_strip)[1:])
+
+
+def _read_strip(slide, coords: np.ndarray, downsample: float, level: int, crop_px: int,
+                patch_size_px: int) -> np.ndarray:
+    """Read one strip of patches (see ``_strips``) and return them shrunk: uint8 (K, p, p, 3) RGB."""
+    k = len(coords)
+    origin = coords[0]
+    offsets = np.rint((coords[:, 0] - origin[0]) / downsample).astype(np.int64)
+    width = int(offsets[-1]) + crop_px
+    rgba = np.asarray(slide.read_region((int(origin[0]), int(origin[1])), level, (width, crop_px)))
+    if not np.array_equal(offsets, np.arange(k) * crop_px):
+        # Put the patches side by side, gaps and overlaps removed: (crop, K * crop, 4). Gathering whole
+        # pixels as uint32 is several times faster than gathering 4-byte rows of uint8.
+        pixels = rgba.view(np.uint32).reshape(crop_px, width)
+        columns = (offsets[:, None] + np.arange(crop_px)).ravel()
+        rgba = np.take(pixels, columns, axis=1).view(np.uint8).reshape(crop_px, -1, 4)
+    mosaic = _composite_on_white(rgba)
+    if crop_px == patch_size_px:
+        small = mosaic
+    elif crop_px > patch_size_px:
+        # INTER_AREA maps each crop_px block of the mosaic onto exactly patch_size_px output px (the
+        # scale is the same ratio), so one call equals a cv2.resize of each patch.
+        small = cv2.resize(mosaic, (k * patch_size_px, patch_size_px), interpolation=cv2.INTER_AREA)
+    else:
+        # Enlarging interpolates across a patch edge; resize the patches apart instead.
+        crops = np.ascontiguousarray(mosaic.reshape(crop_px, k, crop_px, 3).transpose(1, 0, 2, 3))
+        return _resize_batch(crops, patch_size_px)
+    return small.reshape(patch_size_px, k, patch_size_px, 3).transpose(1, 0, 2, 3)
+
+
+def read_patches(slide, coords_level0, patch_level0_px: float, level: int, patch_size_px: int = 96,
+                 max_read_px: int = 4096, read_threads: int | None = None) -> np.ndarray:
+    """Read square patches through bounded strip reads and shrink them to ``patch_size_px``.
+
+    Patches that sit side by side on a row (a grid row of ``roi_grid``) are read as one strip of at
+    most ``max_read_px`` level px; strips go in row-major order, so OpenSlide's tile cache serves the
+    tiles that neighbouring strips share, and only the pixels of patches (plus gaps under a quarter
+    patch) are read. Each patch is ``round(patch_level0_px / downsample)`` level px, placed to the
+    nearest level px from its strip's first patch, and shrunk with ``cv2.INTER_AREA``, one call per
+    strip. Strips are read by ``read_threads`` threads (OpenSlide is thread-safe and releases the
+    GIL, as does OpenCV). When ``patch_level0_px / patch_size_px`` equals the level's integer
+    downsample and the patches lie on a grid of that step (``roi_grid``), the result equals a direct
+    ``read_region`` of each patch at that level; otherwise it equals ``cv2.resize(..., INTER_AREA)``
+    of each patch's own read.
 
     Args:
         slide: an OpenSlide.
@@ -209,6 +276,7 @@ def read_patches(slide, coords_level0, patch_level0_px: float, level: int, patch
         level: pyramid level to read (its downsample should be <= patch_level0_px / patch_size_px).
         patch_size_px: output side in px.
         max_read_px: largest region side, in px of ``level``, read at once.
+        read_threads: threads reading strips; None for the CPUs this process may use, at most 4.
 
     Returns:
         uint8 (K, patch_size_px, patch_size_px, 3) RGB, in the order of ``coords_level0``.
@@ -222,28 +290,30 @@ def read_patches(slide, coords_level0, patch_level0_px: float, level: int, patch
         return out
     downsample = float(slide.level_downsamples[level])
     crop_px = max(1, round(patch_level0_px / downsample))
-    # Region cells leave room for the last patch's crop and rounding inside the max_read_px bound.
-    cell_level_px = max_read_px - crop_px - 1
-    if cell_level_px < 1:
+    if max_read_px - crop_px - 1 < 1:
         raise SlideError(f"max_read_px {max_read_px} is too small for one patch ({crop_px} px at level {level})")
-    cells = np.floor(coords / downsample / cell_level_px).astype(np.int64)
-    order = np.lexsort((coords[:, 0], coords[:, 1], cells[:, 0], cells[:, 1]))
-    new_cell = np.any(np.diff(cells[order], axis=0) != 0, axis=1)
-    span = np.arange(crop_px)
-    for group in np.split(order, np.flatnonzero(new_cell) + 1):
-        origin = coords[group].min(axis=0)
-        offsets = np.rint((coords[group] - origin) / downsample).astype(np.int64)
-        read_w, read_h = (offsets.max(axis=0) + crop_px).tolist()
-        region = read_rgb(slide, origin[0], origin[1], level, read_w, read_h)
-        rows = offsets[:, 1, None] + span
-        cols = offsets[:, 0, None] + span
-        crops = region[rows[:, :, None], cols[:, None, :]]
-        out[group] = crops if crop_px == patch_size_px else _resize_batch(crops, patch_size_px)
+    strips = _strips(coords, downsample, crop_px, max_read_px)
+
+    def read(strip: np.ndarray) -> None:
+        out[strip] = _read_strip(slide, coords[strip], downsample, level, crop_px, patch_size_px)
+
+    threads = min(len(strips), read_threads or min(4, _usable_cpus()))
+    if threads <= 1:
+        for strip in strips:
+            read(strip)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(read, strips))
     return out
 
 
 def read_thumbnail(slide, thumbnail_px: int = 1024, max_read_px: int = 4096) -> tuple[np.ndarray, float]:
     """Low-resolution RGB overview built from bounded reads (``get_thumbnail`` reads a level whole).
+
+    The level read is shrunk by an integer factor to at most ``thumbnail_px``. Among the levels that
+    need no upsampling, the one giving the largest thumbnail is read, the coarsest of equals: a slide
+    whose 16x level is 944 px wide gets its 944 px thumbnail from that level, not by shrinking the 4x
+    level 4-fold (16 times the pixels read for the same size).
 
     Args:
         slide: an OpenSlide.
@@ -255,11 +325,16 @@ def read_thumbnail(slide, thumbnail_px: int = 1024, max_read_px: int = 4096) -> 
         scale: thumbnail px per level-0 px.
     """
     longest_level0_px = max(slide.dimensions)
-    level = pick_level(slide.level_downsamples, max(1.0, longest_level0_px / thumbnail_px))
+    finest = pick_level(slide.level_downsamples, max(1.0, longest_level0_px / thumbnail_px))
+    longest_px = np.asarray(slide.level_dimensions, np.int64).max(axis=1)[finest:]
+    factors = np.maximum(1, -(-longest_px // thumbnail_px))
+    sides = -(-longest_px // factors)
+    # Largest thumbnail first, then the coarsest level (fewest pixels read) among equals.
+    level = finest + int(np.flatnonzero(sides == sides.max())[-1])
     downsample = float(slide.level_downsamples[level])
     width, height = slide.level_dimensions[level]
     # An integer shrink factor makes every region map onto whole thumbnail pixels.
-    factor = max(1, math.ceil(max(width, height) / thumbnail_px))
+    factor = int(factors[level - finest])
     thumb_w, thumb_h = math.ceil(width / factor), math.ceil(height / factor)
     tile_px = max(1, max_read_px // factor)
     thumbnail = np.empty((thumb_h, thumb_w, 3), np.uint8)
@@ -391,13 +466,6 @@ def tile_slide(path, rois, roi_ids: list[str], groups: list[str], *, target_mpp:
                 positive_roi.append(np.full(len(grid), index))
         positive_coords = np.concatenate([np.zeros((0, 2), np.int64), *positive_coords])
         positive_roi = np.concatenate([np.zeros(0, np.int64), *positive_roi])
-        pos_x, pos_keep, pos_reason = _read_and_filter(slide, positive_coords, patch_level0_px, level,
-                                                       patch_size_px, max_read_px, quality)
-        kept_per_roi = np.bincount(positive_roi[pos_keep], minlength=len(rois))
-        tried_per_roi = np.bincount(positive_roi, minlength=len(rois))
-        for index in np.flatnonzero((tried_per_roi > 0) & (kept_per_roi == 0)):
-            skipped.append({"item": f"{name}:{roi_ids[index]}", "reason": "roi_all_patches_rejected",
-                            "detail": f"all {tried_per_roi[index]} patches failed the quality filter"})
         group_array = np.asarray(groups, dtype=str)
 
         # ---- negatives: tissue cells of a slide-wide grid that touch no ROI ----
@@ -410,8 +478,17 @@ def tile_slide(path, rois, roi_ids: list[str], groups: list[str], *, target_mpp:
             start, end = cells[:, None, :], cells[:, None, :] + patch_level0_px
             touches = np.all((start < boxes[None, :, 2:]) & (end > boxes[None, :, :2]), axis=2)
             neg_coords = cells[~touches.any(axis=1)]
-        neg_x, neg_keep, neg_reason = _read_and_filter(slide, neg_coords, patch_level0_px, level,
-                                                       patch_size_px, max_read_px, quality)
+
+        # ---- read and filter positives and negatives in one pass: neighbours share slide tiles ----
+        kept_x, keep, reason = _read_and_filter(slide, np.concatenate([positive_coords, neg_coords]),
+                                                patch_level0_px, level, patch_size_px, max_read_px, quality)
+        pos_keep, neg_keep = keep[:len(positive_coords)], keep[len(positive_coords):]
+        pos_reason, neg_reason = reason[:len(positive_coords)], reason[len(positive_coords):]
+        kept_per_roi = np.bincount(positive_roi[pos_keep], minlength=len(rois))
+        tried_per_roi = np.bincount(positive_roi, minlength=len(rois))
+        for index in np.flatnonzero((tried_per_roi > 0) & (kept_per_roi == 0)):
+            skipped.append({"item": f"{name}:{roi_ids[index]}", "reason": "roi_all_patches_rejected",
+                            "detail": f"all {tried_per_roi[index]} patches failed the quality filter"})
         if well_formed.any():
             centres = neg_coords + patch_level0_px / 2
             nearest = np.argmin(_box_distance(centres, rois[well_formed].astype(np.float64)), axis=1)
@@ -426,7 +503,7 @@ def tile_slide(path, rois, roi_ids: list[str], groups: list[str], *, target_mpp:
     n_pos, n_neg = int(pos_keep.sum()), int(neg_keep.sum())
     skip_order = {"roi_empty": 0, "roi_outside_slide": 1, "roi_smaller_than_patch": 2, "roi_all_patches_rejected": 3}
     return {
-        "x": np.concatenate([pos_x, neg_x]),
+        "x": kept_x,
         "y": np.repeat(np.array([1, 0], np.uint8), [n_pos, n_neg]),
         "group": np.concatenate([group_array[positive_roi[pos_keep]], neg_groups[neg_keep]]).astype(str),
         "coords": np.concatenate([positive_coords[pos_keep], neg_coords[neg_keep]]),

@@ -110,6 +110,39 @@ def test_hsv_means_match_colorsys_reference():
             np.testing.assert_allclose(got[:, 1:], expected[:, 1:], atol=1e-5)
 
 
+@pytest.mark.parametrize("shape, sigma", [
+    ((4, 20, 16, 3), 1.3),  # 8 sigma + 1 = 11.4: cv2 uses 11 taps, not 2 ceil(4 sigma) + 1 = 13
+    ((4, 20, 16, 3), 0.3),
+    ((3, 6, 5, 3), 2.5),    # radius 10 beyond the patch: the border reflects more than once
+    ((5, 3, 7, 3), 0.5),    # radius 2 = height - 1
+    ((2, 1, 4, 3), 1.0),    # one row
+])
+def test_hsv_means_kernel_and_border_as_gaussian_blur(shape, sigma):
+    x = np.random.default_rng(7).integers(0, 256, shape, dtype=np.uint8)
+    expected = np.stack([reference_means(p, sigma) for p in x])
+    got = hsv_means(x, blur_sigma_px=sigma)
+    # float32 throughout: 1e-6 is ~10 float32 rounding steps, and a 2-tap difference in kernel size at
+    # sigma 1.3 shows as 6e-6.
+    np.testing.assert_allclose(circular_distance(got[:, 0], expected[:, 0]), 0, atol=1e-6)
+    np.testing.assert_allclose(got[:, 1:], expected[:, 1:], atol=1e-6)
+
+
+def test_hsv_means_do_not_depend_on_block_chunk_or_threads():
+    x = np.random.default_rng(8).integers(0, 256, (37, 96, 96, 3), dtype=np.uint8)
+    threads = cv2.getNumThreads()
+    for sigma in (0.0, 1.0):
+        whole = hsv_means(x, blur_sigma_px=sigma)
+        # Each patch alone, in odd chunks, and on 1 or 3 threads: bit for bit the same.
+        np.testing.assert_array_equal(np.concatenate([hsv_means(p[None], blur_sigma_px=sigma) for p in x]), whole)
+        np.testing.assert_array_equal(hsv_means(x, blur_sigma_px=sigma, chunk_size=3), whole)
+        try:
+            for n_threads in (1, 3):
+                cv2.setNumThreads(n_threads)
+                np.testing.assert_array_equal(hsv_means(x, blur_sigma_px=sigma), whole)
+        finally:
+            cv2.setNumThreads(threads)
+
+
 def test_hsv_means_known_colours_and_circular_hue():
     x = np.zeros((4, 8, 8, 3), np.uint8)
     x[0] = (0, 255, 0)

@@ -15,6 +15,7 @@ from common.slides import (
     pick_level,
     read_patches,
     read_rgb,
+    read_thumbnail,
     roi_grid,
     save_overview,
     slide_mpp,
@@ -134,6 +135,75 @@ def test_read_patches_at_a_lower_level_equal_direct_reads(tmp_path):
     np.testing.assert_array_equal(result["x"], direct)
 
 
+def composited_read(slide, x, y, level, size):
+    """One patch the plain way: read_region, alpha over white in float, rounded."""
+    rgba = np.asarray(slide.read_region((int(x), int(y)), level, (size, size))).astype(np.float64)
+    alpha = rgba[..., 3:4]
+    return np.rint((rgba[..., :3] * alpha + 255 * (255 - alpha)) / 255).astype(np.uint8)
+
+
+def recording_reads(monkeypatch) -> list[tuple]:
+    """Record (location, level, size) of every OpenSlide.read_region call."""
+    calls = []
+    original = openslide.OpenSlide.read_region
+
+    def recording(self, location, level, size):
+        calls.append((tuple(location), level, tuple(size)))
+        return original(self, location, level, size)
+
+    monkeypatch.setattr(openslide.OpenSlide, "read_region", recording)
+    return calls
+
+
+def test_read_patches_strips_equal_per_patch_reads(monkeypatch):
+    """Grid rows are read as one strip each; every patch equals its own read + composite + resize."""
+    slide = open_slide(CMU)  # 2220 x 2967
+    grid = roi_grid((1000, 1500, 1000 + 6 * 187.2, 1500 + 3 * 187.2), 187.2)  # x: 0, 187, ..., 748, 936
+    loose = np.array([
+        [1600, 2300], [1700, 2300],  # overlapping
+        [200, 2600],                 # alone on its row
+        [-50, -40],                  # partly before the slide: transparent, composited on white
+        [2100, 2900],                # partly beyond the slide's far corner
+    ])
+    coords = np.concatenate([grid, loose])[np.random.default_rng(0).permutation(len(grid) + len(loose))]
+    expected = np.stack([cv2.resize(composited_read(slide, x, y, 0, 187), (96, 96), interpolation=cv2.INTER_AREA)
+                         for x, y in coords])
+    calls = recording_reads(monkeypatch)
+    for threads in (1, 3):
+        np.testing.assert_array_equal(read_patches(slide, coords, 187.2, 0, 96, read_threads=threads), expected)
+    assert expected[coords[:, 0] < 0][0, :20].min() == 255  # the 40 px above the slide are white
+    # 3 grid rows, the overlapping pair, and three lone patches: 7 reads, each one patch high.
+    assert len(calls) == 2 * 7 and {size[1] for _, _, size in calls} == {187}
+    assert sorted(size[0] for _, _, size in calls[:7]) == [187, 187, 187, 287, 1123, 1123, 1123]
+
+
+def test_read_patches_enlarging_within_tolerance():
+    """19 level px to 20 output px: patches are resized apart, within 1 of a per-patch cv2.resize."""
+    slide = open_slide(BOXES)
+    coords = roi_grid((0, 0, 300, 250), 38.0)
+    patches = read_patches(slide, coords, 38.0, level=1, patch_size_px=20)
+    expected = np.stack([cv2.resize(composited_read(slide, x, y, 1, 19), (20, 20), interpolation=cv2.INTER_AREA)
+                         for x, y in coords])
+    difference = np.abs(patches.astype(int) - expected)
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.02
+
+
+def test_thumbnail_reads_the_coarsest_level_that_gives_its_size(tmp_path, monkeypatch):
+    tissue = cv2.cvtColor(cv2.imread(str(TISSUE_IMAGE)), cv2.COLOR_BGR2RGB)
+    levels = write_pyramid(tmp_path / "tissue.tiff", tissue, mpp=0.25, factors=(4, 16))  # 1000, 250, 62 px
+    slide = open_slide(tmp_path / "tissue.tiff")
+    calls = recording_reads(monkeypatch)
+    # 256 px: level 0 shrunk 4-fold and level 1 as it is both give 250 px; level 1 reads 16x fewer px.
+    thumbnail, scale = read_thumbnail(slide, thumbnail_px=256)
+    np.testing.assert_array_equal(thumbnail, levels[1])
+    assert scale == pytest.approx(1 / 4) and {level for _, level, _ in calls} == {1}
+    # 512 px: level 0 halved (500 px) beats level 1 (250 px).
+    calls.clear()
+    thumbnail, scale = read_thumbnail(slide, thumbnail_px=512)
+    np.testing.assert_array_equal(thumbnail, cv2.resize(tissue, (500, 500), interpolation=cv2.INTER_AREA))
+    assert scale == pytest.approx(1 / 2) and {level for _, level, _ in calls} == {0}
+
+
 def test_cmu_single_level_pcam_scale_patches_inside_roi():
     rois = np.array([CMU_ROI])
     result = tile_slide(CMU, rois, ["roi0"], ["patient7"], negatives=False)
@@ -153,9 +223,7 @@ def test_cmu_single_level_pcam_scale_patches_inside_roi():
     slide = open_slide(CMU)
     reference = np.stack([cv2.resize(direct_read(slide, x, y, 0, 187), (96, 96), interpolation=cv2.INTER_AREA)
                           for x, y in xy])
-    # Float vs OpenCV's own uint8 accumulation: a handful of exact .5 ties round the other way.
-    difference = np.abs(result["x"].astype(int) - reference)
-    assert difference.max() <= 1 and (difference > 0).mean() < 1e-4
+    np.testing.assert_array_equal(result["x"], reference)
 
 
 def test_reads_stay_bounded(monkeypatch):
