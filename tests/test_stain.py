@@ -205,6 +205,52 @@ def test_group_scope_pools_pixels_like_one_stacked_image(target):
     assert not np.array_equal(out, per_patch)
 
 
+def test_percentile_matches_numpy_on_masked_rows():
+    rng = np.random.default_rng(5)
+    values = rng.normal(size=(6, 500)).astype(np.float32)
+    values[:, :40] = np.round(values[:, :40])  # ties
+    mask = rng.random((6, 500)) < np.array([1.0, 0.9, 0.5, 0.1, 0.03, 0.02])[:, None]
+    for q in (1.0, 37.5, 99.0, 100.0):
+        got = stain._percentile(torch.from_numpy(values), torch.from_numpy(mask), q).numpy()
+        expected = [np.percentile(row[keep].astype(np.float64), q) for row, keep in zip(values, mask, strict=True)]
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+        everywhere = stain._percentile(torch.from_numpy(values), None, q).numpy()
+        np.testing.assert_allclose(everywhere, np.percentile(values.astype(np.float64), q, axis=1), rtol=1e-6,
+                                   atol=1e-6)
+
+
+def test_reinhard_tissue_covariance_equals_the_od_route():
+    tiles = pcam_tiles(TISSUE_TILES[:3] + ["pcam_r0_c06"])
+    tissue = torch.from_numpy(stain._luminosity_mask(stain._lab8(tiles), 0.8))
+    od = stain._optical_density(tiles, 255.0, 0.0, "cpu")
+    weight = tissue.double()[:, None, :]
+    count = tissue.sum(dim=1).double()
+    mean = (od.double() * weight).sum(dim=2) / count[:, None]
+    centred = (od.double() - mean[:, :, None]) * weight
+    expected = centred @ centred.transpose(1, 2) / (count - 1)[:, None, None]  # float64 reference
+    got = stain._tissue_od_covariance(tiles, tissue)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-9)
+    # and bit-identical to the full-OD route the other methods use
+    assert torch.equal(stain._eigen_ratio(got)[2], stain._second_eigen_ratio(od, tissue)[2])
+
+
+@pytest.mark.parametrize("method", ["macenko", "vahadane", "reinhard"])
+def test_output_does_not_depend_on_the_thread_count(method):
+    rng = np.random.default_rng(11)
+    tiles = pcam_tiles(TISSUE_TILES)[rng.integers(0, len(TISSUE_TILES), 120), :48, :48]  # 2 chunks (<= 85 each)
+    normalizer = fitted_to_target(method)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = normalizer.transform(tiles)
+        torch.set_num_threads(2)
+        parallel = normalizer.transform(tiles)
+        assert torch.get_num_threads() == 2  # restored after the chunk workers
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(parallel, serial)
+
+
 # ------------------------------------------------------------------ robustness
 def edge_patches() -> dict[str, np.ndarray]:
     near_white = read_rgb(HE / "histolab" / "almost-white-1.png")[:96, :96]
