@@ -1,5 +1,7 @@
-"""Shared test helpers: the repository root and the real test data beside it."""
+"""Shared test helpers: the repository root, the real test data beside it, loading step scripts."""
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,3 +15,13 @@ def real_dir() -> Path:
     if not REAL.is_dir():
         pytest.skip(f"real test data not found at {REAL}")
     return REAL
+
+
+def load_script(stem: str):
+    """Import a numbered step script (e.g. "05_train") as a module, registered in sys.modules so that
+    worker processes can pickle its functions."""
+    spec = importlib.util.spec_from_file_location(f"step_{stem}", ROOT / f"{stem}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -1,15 +1,12 @@
 """04_cluster's analysis: the domain probe sees a stain shift and Macenko removes it; identical
 sources do not separate."""
 
-import importlib.util
-import sys
-
 import cv2
 import numpy as np
 import pytest
 
 from common import stain
-from tests.conftest import REAL, ROOT
+from tests.conftest import REAL, load_script
 
 HE = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])  # Ruifrok & Johnston's H&E optical densities
 SETTINGS = {"pca_components": 2, "n_init": 4}
@@ -17,11 +14,7 @@ SETTINGS = {"pca_components": 2, "n_init": 4}
 
 @pytest.fixture(scope="module")
 def cluster_script():
-    spec = importlib.util.spec_from_file_location("step_04_cluster", ROOT / "04_cluster.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("04_cluster")
 
 
 def tissue_patches() -> np.ndarray:

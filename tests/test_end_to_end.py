@@ -1,8 +1,6 @@
 """All seven scripts, in order, on tiny synthetic data in the real formats (CPU, one epoch)."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,18 +16,12 @@ from sklearn.metrics import (
 )
 
 from common import demo
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_script
 
 SCRIPTS = ["01_filter_pcam", "02_tile_dlbcl", "03_normalize", "04_cluster", "05_train", "06_evaluate",
            "07_gradcam"]
 
 
-def load_script(stem: str):
-    spec = importlib.util.spec_from_file_location(f"step_{stem}", ROOT / f"{stem}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # so worker processes can pickle its functions
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,7 @@
 """02_tile_dlbcl as a whole: stain selection, bad rows and slides skipped with reasons, the patch set."""
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +10,12 @@ import yaml
 
 from common.demo import write_demo_dlbcl
 from common.patchset import read_patch_set
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_script
 
 
 @pytest.fixture(scope="module")
 def tile_script():
-    spec = importlib.util.spec_from_file_location("step_02_tile_dlbcl", ROOT / "02_tile_dlbcl.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("02_tile_dlbcl")
 
 
 def test_bad_rows_and_slides_are_skipped_and_named(tmp_path: Path, tile_script):

@@ -1,6 +1,5 @@
 """05_train: exact resume, checkpoints as data, DDP on two CPU processes (gloo)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,16 +11,8 @@ import torch
 import yaml
 
 from common import engine
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_script
 from tests.test_data import write_sources
-
-
-def load_script(stem: str):
-    spec = importlib.util.spec_from_file_location(f"step_{stem}", ROOT / f"{stem}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # so worker processes can pickle its functions
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
