@@ -129,10 +129,27 @@ def main(argv: list[str] | None = None) -> int:
     source = require_step(cfg, "03_normalize") / tc["method"]
     if not (source / "dlbcl.h5").is_file():
         raise UserError(f"{source} has no patch sets: add {tc['method']!r} to normalize.methods and rerun 03")
-    folder.mkdir(parents=True, exist_ok=True)
     checkpoint = resume_from(tc, folder)
 
+    # ---- model, optimiser, scheduler
+    model = models.build_model(tc["model"], engine.num_outputs(tc["task"]), tc["weights"]).to(device)
+    if tc["channels_last"] and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    criterion = engine.loss_fn(tc["task"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=tc["lr_factor"],
+                                                           patience=tc["lr_patience"])
+    state = {"epoch": 0, "best_acc": -1.0, "best_loss": math.inf, "bad_epochs": 0}
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"], strict=True)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        state = {k: checkpoint[k] for k in state}
+        torch.set_rng_state(checkpoint["rng_torch"])
+        print(f"   resumed after epoch {state['epoch']} (best acc {state['best_acc']:.4f})")
+
     # ---- the split: made once, reused on resume and by 06 and 07
+    folder.mkdir(parents=True, exist_ok=True)
     if checkpoint is None and rank == 0:
         cols = data.make_split(tc["task"], source, tc["split"], tc["split_fractions"], tc["mixed_size"], seed)
         data.write_split(folder / "split.csv", cols)
@@ -153,22 +170,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   experiment {folder.name}: {tc['task']} on {tc['method']}, classes {class_names}")
         print(f"   patches per split and class: {counts}; training on {len(train)}")
 
-    # ---- model, optimiser, scheduler
-    model = models.build_model(tc["model"], engine.num_outputs(tc["task"]), tc["weights"]).to(device)
-    if tc["channels_last"] and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    criterion = engine.loss_fn(tc["task"])
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=tc["lr_factor"],
-                                                           patience=tc["lr_patience"])
-    state = {"epoch": 0, "best_acc": -1.0, "best_loss": math.inf, "bad_epochs": 0}
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"], strict=True)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        state = {k: checkpoint[k] for k in state}
-        torch.set_rng_state(checkpoint["rng_torch"])
-        print(f"   resumed after epoch {state['epoch']} (best acc {state['best_acc']:.4f})")
     net = model
     if world > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -23,11 +23,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def user_errors() -> tuple[type[Exception], ...]:
     """Exception types that mean "the user can fix this" (printed as one line, exit 2)."""
-    from common.models import WeightsError
+    from common.filters import FilterError
+    from common.models import ModelError, WeightsError
     from common.slides import SlideError
+    from common.stain import StainError
 
     # FloatingPointError: a non-finite training loss, stopped with a message naming the epoch and batch
-    return UserError, SlideError, WeightsError, FileNotFoundError, FloatingPointError
+    return (UserError, SlideError, WeightsError, ModelError, StainError, FilterError, FileNotFoundError,
+            FloatingPointError)
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:

@@ -364,42 +364,6 @@ def load_normalizer(text: str) -> Normalizer:
     return Normalizer.from_json(text)
 
 
-def choose_reference(images: np.ndarray, seed: int) -> int:
-    """Pick a reference patch automatically: the most typical among those with the most tissue.
-
-    Rule: (1) with more than 2,000 patches, look at 2,000 drawn at random with ``seed``;
-    (2) tissue fraction = share of pixels whose optical density (Io = 255) is >= 0.15 in every
-    channel; keep the patches at or above the 90th percentile of tissue fraction; (3) among those,
-    return the one whose mean tissue optical density (3 values) is nearest (Euclidean) to the
-    candidates' per-channel median; ties go to the lower index.
-
-    Args:
-        images: uint8 RGB (N, H, W, 3), N >= 1.
-        seed: seed of the subsample in step (1).
-
-    Returns:
-        Index into ``images`` of the chosen reference.
-
-    Raises:
-        StainError: bad array, or no patch with any tissue.
-    """
-    images = _check_rgb(images, "images", allow_single=False)
-    indices = np.arange(len(images))
-    if len(indices) > 2000:
-        indices = np.sort(np.random.default_rng(seed).choice(indices, 2000, replace=False))
-    od = _optical_density(images[indices], 255.0, 0.0, "cpu")
-    tissue = (od >= 0.15).all(dim=1)  # (n, P)
-    fraction = tissue.float().mean(dim=1)
-    if float(fraction.max()) == 0.0:
-        raise StainError("choose_reference: no patch contains tissue (all glass or flat colour)")
-    candidates = torch.nonzero(fraction >= torch.quantile(fraction, 0.9)).flatten()
-    cand_tissue = tissue[candidates].float()
-    mean_od = (od[candidates] * cand_tissue[:, None]).sum(2) / cand_tissue.sum(1).clamp(min=1)[:, None]
-    distance = (mean_od - mean_od.median(dim=0).values).norm(dim=1)
-    return int(indices[int(candidates[int(torch.argmin(distance))])])
-
-
-# -------------------------------------------------------------------- helpers (batched, channel-first)
 def _check_rgb(images, what: str, allow_single: bool) -> np.ndarray:
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
         raise StainError(f"{what} must be a uint8 numpy array, got "

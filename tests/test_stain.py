@@ -334,19 +334,6 @@ def test_user_mistakes_raise_stain_error(target):
         stain.Normalizer.from_json("{}")
 
 
-def test_choose_reference_picks_the_typical_full_tissue_patch():
-    # 17 half-tissue patches, then 3 full-tissue patches of light, medium and dark purple:
-    # the full ones are the top 10 %; the medium one is nearest to their median OD.
-    half = np.full((17, 32, 32, 3), 255, np.uint8)
-    half[:, :16] = (150, 100, 160)
-    full = np.stack([np.full((32, 32, 3), colour, np.uint8)
-                     for colour in [(180, 140, 190), (140, 90, 150), (90, 40, 110)]])
-    images = np.concatenate([half, full])
-    assert stain.choose_reference(images, seed=0) == 18
-    with pytest.raises(stain.StainError, match="no patch"):
-        stain.choose_reference(np.full((3, 8, 8, 3), 255, np.uint8), seed=0)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method", ["macenko", "vahadane", "reinhard"])
 def test_cuda_matches_cpu(method, target):

@@ -23,7 +23,7 @@ def run_config(tmp_path: Path) -> Path:
     (folder / "summary.json").write_text("{}")
     config = {"base": str(ROOT / "configs" / "demo.yaml"),
               "run": {"name": "t", "output_root": str(tmp_path / "runs")},
-              "train": {"task": "dlbcl", "epochs": 2, "batch_size": 16, "model": "resnet18"}}
+              "train": {"task": "dlbcl", "method": "macenko", "epochs": 2, "batch_size": 16, "model": "resnet18"}}
     path = tmp_path / "t.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
