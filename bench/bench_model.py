@@ -3,6 +3,8 @@
 - train_step: ``train_one_epoch`` of ``05_train.py`` (uint8 batches cut from memory, ``to_input``,
   augmentation, forward/backward, Adam) vs a plain fp32 loop over ready-made contiguous float tensors
   (forward, BCE loss, backward, Adam); same model, loss, optimiser and batch size (64).
+- channels_last: the same plain ResNet-18 training step (fp32, batch 64) with the model and input in
+  channels-last memory format vs the default contiguous format (05 uses it where ``train.channels_last``).
 - gradcam: ``common.gradcam.grad_cam`` vs pytorch-grad-cam 1.5.7 ``GradCAM`` on ``layer4[-1]`` with
   ``ClassifierOutputTarget`` per image, a 3-class ResNet-18 in eval mode, the same batch of 64.
 
@@ -79,8 +81,38 @@ def bench_train_step(settings: Settings) -> Result:
 
     ours_rate, baseline_rate = compare(ours, len(patches), baseline, len(patches), settings)
     return Result(ours_rate, baseline_rate, "images/s",
-                  note=f"ResNet-18, batch {BATCH_SIZE}, 96 x 96, fp32 on the CPU (bf16/channels-last are CUDA-only "
-                       f"switches), {len(patches)} images per call; ours includes batch cutting and augmentation")
+                  note=f"ResNet-18, batch {BATCH_SIZE}, 96 x 96, fp32 on the CPU (bf16 is a CUDA switch; ours is "
+                       f"channels-last), {len(patches)} images per call; ours includes batch cutting and "
+                       f"augmentation")
+
+
+def bench_channels_last(settings: Settings) -> Result:
+    """ResNet-18 training images/s on the CPU: channels-last vs contiguous memory format."""
+    patches = real_patches(BATCH_SIZE)
+    mean, std = data.mean_std(patches)
+    images = models.to_input(torch.from_numpy(patches), torch.as_tensor(mean), torch.as_tensor(std), False)
+    labels = torch.from_numpy((np.arange(len(patches)) % 2).astype(np.float32))
+
+    def step_fn(memory_format: torch.memory_format):
+        torch.manual_seed(0)
+        model = models.build_model("resnet18", 1, "none").to(memory_format=memory_format).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        inputs = images.contiguous(memory_format=memory_format)
+        criterion = torch.nn.BCEWithLogitsLoss()
+
+        def step() -> float:
+            loss = criterion(model(inputs)[:, 0], labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return float(loss)
+        return step
+
+    ours_rate, baseline_rate = compare(step_fn(torch.channels_last), len(patches),
+                                       step_fn(torch.contiguous_format), len(patches), settings)
+    return Result(ours_rate, baseline_rate, "images/s", None,
+                  note=f"ResNet-18, batch {len(patches)}, 96 x 96, fp32 CPU training step; ours = channels-last, "
+                       f"baseline = contiguous")
 
 
 def bench_gradcam(settings: Settings) -> Result:

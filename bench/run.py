@@ -44,6 +44,7 @@ BENCHMARKS = {
     "tiling": ("bench_data", "bench_tiling"),
     "input_pipeline": ("bench_data", "bench_input_pipeline"),
     "train_step": ("bench_model", "bench_train_step"),
+    "channels_last": ("bench_model", "bench_channels_last"),
     "gradcam": ("bench_model", "bench_gradcam"),
 }
 
