@@ -73,9 +73,10 @@ def tile_one(job: dict) -> dict:
     """Tile one slide in a worker process (each worker opens its own slide)."""
     t = job["params"]
     rois = job["rois"]
+    boxes = np.array([r[2] for r in rois], np.int64).reshape(-1, 4)
     try:
         result = slides.tile_slide(
-            job["path"], np.array([r[2] for r in rois], np.int64).reshape(-1, 4),
+            job["path"], boxes,
             [f"{job['tma_id']} row {r[0]}" for r in rois], [r[1] for r in rois],
             target_mpp=t["target_mpp"], patch_size_px=t["patch_size_px"], mpp_override=t["mpp_override"],
             allow_objective_power=t["allow_objective_power"], max_read_px=t["max_read_px"],
@@ -84,7 +85,7 @@ def tile_one(job: dict) -> dict:
             negatives=t["negatives"])
     except slides.SlideError as err:
         return {"tma_id": job["tma_id"], "error": str(err)}
-    slides.save_overview(job["overview"], result, np.array([r[2] for r in rois], np.int64).reshape(-1, 4))
+    slides.save_overview(job["overview"], result, boxes)
     result.pop("thumbnail", None)
     return {"tma_id": job["tma_id"], **result}
 

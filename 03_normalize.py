@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"   reference {ref_from}; fit scope {nc['fit_scope']}; methods {', '.join(nc['methods'])}")
 
     rng = np.random.default_rng(cfg["run"]["seed"])
-    show = {src: np.sort(rng.choice(len(sets[f]), min(8, len(sets[f])), replace=False))
-            for src, f in (("pcam", "pcam_train"), ("dlbcl", "dlbcl"))}
-    rows, counts = [], {}
+    shown = {"pcam_train": "pcam", "dlbcl": "dlbcl"}  # file -> source, for the before/after figure
+    show = {f: np.sort(rng.choice(len(sets[f]), min(8, len(sets[f])), replace=False)) for f in shown}
+    samples, counts = {}, {}
     for method in nc["methods"]:
         folder = out / method
         normalizer = stain.make_normalizer(method, fit_scope=nc["fit_scope"]).fit(reference)
@@ -94,12 +94,11 @@ def main(argv: list[str] | None = None) -> int:
             seconds = time.time() - t0
             counts[method][name] = {"n": len(ps), "unchanged": int(normalizer.n_unchanged if len(ps) else 0),
                                     "patches_per_s": round(len(ps) / max(seconds, 1e-9), 1)}
-            for src, f in (("pcam", "pcam_train"), ("dlbcl", "dlbcl")):
-                if name == f:
-                    rows.append((f"{src} · {method}", x[show[src]]))
+            if name in shown:
+                samples[shown[name], method] = x[show[name]]
         done = ", ".join(f"{k} {v['n']} ({v['unchanged']} unchanged)" for k, v in counts[method].items())
         print(f"   {method}: {done}")
-    rows.sort(key=lambda r: (r[0].split(" · ")[0] != "pcam", nc["methods"].index(r[0].split(" · ")[1])))
+    rows = [(f"{src} · {method}", samples[src, method]) for src in ("pcam", "dlbcl") for method in nc["methods"]]
     plots.labelled_rows(out / "before_after.png", rows)
     write_summary(out, STEP, cfg, started, reference=ref_from, methods=counts)
     print(f"   wrote {out} (figure: {out / 'before_after.png'})")

@@ -30,7 +30,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 
-from common import cli, metrics, models, plots
+from common import cli, data, metrics, models, plots
 from common.patchset import atomic_path, require_step, step_dir, write_json, write_summary
 
 STEP = "04_cluster"
@@ -52,12 +52,10 @@ def sample_negatives(folder: Path, n_per_source: int, seed: int) -> dict[str, np
 
 
 def load_negatives(folder: Path, index: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    xs, src = [], []
-    for stem, idx in index.items():
-        with h5py.File(folder / f"{stem}.h5", "r") as f:
-            xs.append(f["x"][idx])
-        src.append(np.full(len(idx), stem.split("_")[0]))
-    return np.concatenate(xs), np.concatenate(src)
+    """The sampled negatives of both sources, uint8 (N, 96, 96, 3), and each one's source name."""
+    file = np.concatenate([np.full(len(idx), stem) for stem, idx in index.items()])
+    x = data.read_patches(folder, file, np.concatenate(list(index.values())))
+    return x, np.char.partition(file, "_")[:, 0]
 
 
 def features_for(kind: str, x: np.ndarray, extractor, batch_size: int, device) -> np.ndarray:

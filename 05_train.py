@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from common import cli, data, engine, models, plots
 from common.config import UserError
-from common.patchset import atomic_path, require_step, write_summary
+from common.patchset import atomic_path, require_step, write_experiments_summary, write_summary
 
 STEP = "05_train"
 
@@ -221,8 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         write_summary(folder, STEP, cfg, started, experiment=folder.name, epochs_run=state["epoch"],
                       best_valid_acc=state["best_acc"], best_valid_loss=state["best_loss"],
                       n_train=len(train), n_valid=len(valid))
-        done = sorted(p.parent.name for p in folder.parent.glob("*/summary.json"))
-        write_summary(folder.parent, STEP, cfg, started, experiments=done)
+        write_experiments_summary(folder.parent, STEP, cfg, started)
         print(f"   wrote {folder} (best valid acc {state['best_acc']:.4f})")
     if world > 1:
         dist.destroy_process_group()

@@ -28,7 +28,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from common import cli, data, engine, metrics, plots
-from common.patchset import atomic_path, require_step, step_dir, write_json, write_summary
+from common.patchset import atomic_path, require_step, step_dir, write_experiments_summary, write_json, write_summary
 
 STEP = "06_evaluate"
 COLOUR_BASELINE_PATCHES = 20000
@@ -117,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_path(folder / "tables.md") as tmp:
         tmp.write_text(table)
     write_summary(folder, STEP, cfg, started, experiment=folder.name, accuracy=m["accuracy"], auc=m["auc"])
-    done = sorted(p.parent.name for p in folder.parent.glob("*/summary.json"))
-    write_summary(folder.parent, STEP, cfg, started, experiments=done)
+    write_experiments_summary(folder.parent, STEP, cfg, started)
     ci = m["ci95"]["accuracy"]
     print(f"   accuracy {m['accuracy']:.4f} (95 % CI {ci[0]:.4f}-{ci[1]:.4f})  balanced "
           f"{m['balanced_accuracy']:.4f}  AUC {m['auc']:.4f}  colour-only baseline "

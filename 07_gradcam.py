@@ -19,13 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
-from common import cli, engine, gradcam, models, plots
+from common import cli, data, engine, gradcam, models, plots
 from common.config import UserError
-from common.patchset import atomic_path, require_step, step_dir, write_json, write_summary
+from common.patchset import atomic_path, require_step, step_dir, write_experiments_summary, write_json, write_summary
 
 STEP = "07_gradcam"
 STATS_PER_CELL = 256  # patches per (source, class) for the centre-mass statistic
@@ -39,17 +38,6 @@ def read_predictions(path: Path) -> dict[str, np.ndarray]:
     for key in ("index", "label", "pred"):
         cols[key] = cols[key].astype(np.int64)
     return cols
-
-
-def load_patches(folder: Path, file: np.ndarray, index: np.ndarray) -> np.ndarray:
-    x = np.empty((len(index), 96, 96, 3), np.uint8)
-    for stem in np.unique(file):
-        at = np.flatnonzero(file == stem)
-        order = at[np.argsort(index[at])]
-        with h5py.File(folder / f"{stem}.h5", "r") as f:
-            rows, inverse = np.unique(index[order], return_inverse=True)
-            x[order] = f["x"][rows][inverse]
-    return x
 
 
 def cams_for(model, x: np.ndarray, meta: dict, device, batch_size: int = 64) -> np.ndarray:
@@ -85,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             if len(pick) == 0:
                 continue
             pick = np.sort(rng.permutation(pick)[:STATS_PER_CELL])
-            cams = cams_for(model, load_patches(source_dir, pred["file"][pick], pred["index"][pick]), meta, device)
+            cams = cams_for(model, data.read_patches(source_dir, pred["file"][pick], pred["index"][pick]), meta, device)
             frac = gradcam.cam_center_fraction(cams, gc["center_px"])
             stats[f"{src}/{cls}"] = {"mean": float(frac.mean()), "std": float(frac.std()), "n": len(pick)}
             for j, pc in enumerate(classes):
@@ -110,15 +98,14 @@ def main(argv: list[str] | None = None) -> int:
                 if len(pick) == 0:
                     continue
                 pick = np.sort(rng.permutation(pick)[: gc["n_per_cell"]])
-                x = load_patches(source_dir, pred["file"][pick], pred["index"][pick])
+                x = data.read_patches(source_dir, pred["file"][pick], pred["index"][pick])
                 overlay = gradcam.overlay(x, cams_for(model, x, meta, device))
                 outcome = "correct" if k == j else "wrong"
                 rows.append((f"{src} · true {cls} → predicted {pc} ({outcome})", np.concatenate([x, overlay])))
         if rows:
             grids.append(str(plots.labelled_rows(folder / f"grid_{src}.png", rows, ncols=2 * gc["n_per_cell"])))
     write_summary(folder, STEP, cfg, started, experiment=name, cam_stats=stats, grids=grids)
-    done = sorted(p.parent.name for p in folder.parent.glob("*/summary.json"))
-    write_summary(folder.parent, STEP, cfg, started, experiments=done)
+    write_experiments_summary(folder.parent, STEP, cfg, started)
     print("\n".join(lines))
     print(f"   wrote {folder}")
     return 0

@@ -167,16 +167,23 @@ def load_split(cols: dict[str, np.ndarray], split: str, folder: Path, limit: int
     if len(chosen) == 0:
         raise UserError(f"the {split} split is empty: too few patches or groups for train.split_fractions")
     file, index = cols["file"][chosen], cols["index"][chosen]
+    x = read_patches(folder, file, index)
+    return Split(x, cols["label"][chosen].astype(np.int64), cols["group"][chosen], cols["source"][chosen],
+                 file, index)
+
+
+def read_patches(folder: Path, file: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, 3) patches given, per patch, the stem of its patch-set file in `folder` and its
+    row in that file; one sorted read per file, in the order given."""
     x = None
     for stem in np.unique(file):
         at = np.flatnonzero(file == stem)
         at = at[np.argsort(index[at], kind="stable")]
         with h5py.File(folder / f"{stem}.h5", "r") as f:
             if x is None:
-                x = np.empty((len(chosen), *f["x"].shape[1:]), np.uint8)
+                x = np.empty((len(index), *f["x"].shape[1:]), np.uint8)
             x[at] = _read_rows(f["x"], index[at])
-    return Split(x, cols["label"][chosen].astype(np.int64), cols["group"][chosen], cols["source"][chosen],
-                 file, index)
+    return x
 
 
 def _read_rows(dataset: h5py.Dataset, sorted_index: np.ndarray) -> np.ndarray:

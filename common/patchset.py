@@ -217,3 +217,10 @@ def write_summary(folder: Path, step: str, cfg: dict, started: float, **fields) 
                "skipped": [], **fields, "config": public(cfg)}
     write_json(Path(folder) / "summary.json", summary)
     return summary
+
+
+def write_experiments_summary(step_folder: Path, step: str, cfg: dict, started: float) -> dict:
+    """The step folder's own `summary.json` for steps run once per experiment (05, 06, 07): the
+    experiments that have finished there, i.e. whose subfolder holds a `summary.json`."""
+    done = sorted(p.parent.name for p in Path(step_folder).glob("*/summary.json"))
+    return write_summary(step_folder, step, cfg, started, experiments=done)
