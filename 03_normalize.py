@@ -16,6 +16,11 @@ Reference `auto`: the pooled stain estimate of 64 seeded random PCam training pa
 patch gives a noisy stain matrix), so both datasets move to PCam's colours. Patches too poor in tissue
 to estimate their own stains are returned unchanged and counted.
 
+`normalize.keep_residual` (Macenko, Vahadane): false (torchstain / staintools, the thesis) rebuilds each
+patch from its two stains alone, losing the colour a 2-stain model cannot represent (1-8 grey levels
+mean on real H&E, the reference included); true adds that residual back, so the reference maps to
+itself exactly, but also keeps non-H&E colour (pigment, JPEG artefacts) that may tell sources apart.
+
 Usage:
     python 03_normalize.py --config config.yaml [--set normalize.methods=[macenko]]
 """
@@ -80,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     samples, counts = {}, {}
     for method in nc["methods"]:
         folder = out / method
-        normalizer = stain.make_normalizer(method, fit_scope=nc["fit_scope"]).fit(reference)
+        extra = {"keep_residual": nc["keep_residual"]} if method in ("macenko", "vahadane") else {}
+        normalizer = stain.make_normalizer(method, fit_scope=nc["fit_scope"], **extra).fit(reference)
         folder.mkdir(exist_ok=True)
         write_json(folder / "normalizer.json", {"reference": ref_from, "state": normalizer.to_json()})
         counts[method] = {}

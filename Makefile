@@ -12,8 +12,9 @@ TASKS   ?= pcam dlbcl mixed
 
 .venv/.dev: .venv/.runtime requirements-dev.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
-	# grad-cam (test-only reference) would pull the non-headless OpenCV; its own deps are all present
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps grad-cam==1.5.7 ttach==0.0.3
+	# grad-cam and staintools (test/bench-only references) would pull the non-headless OpenCV; their
+	# other deps are all present (staintools' SPAMS comes from spams-bin in requirements-dev.txt)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps grad-cam==1.5.7 ttach==0.0.3 staintools==2.1.2
 	touch $@
 
 demo: .venv/.runtime

@@ -126,6 +126,7 @@ SCHEMA: dict[str, Any] = {
         "methods": _f("list", item=_f("choice", choices=METHODS)),
         "fit_scope": _f("choice", choices=("patch", "group")),
         "reference": _f("path", keywords=("auto",)),
+        "keep_residual": _f("bool"),
     },
     "cluster": {
         "n_per_source": _f("int", minimum=10),

@@ -58,7 +58,7 @@ _COMMON_PARAMS = {
 }
 _METHOD_PARAMS = {
     "none": {},
-    "macenko": {"io": 240.0, "alpha": 1.0, "beta": 0.15},
+    "macenko": {"io": 240.0, "alpha": 1.0, "beta": 0.15, "keep_residual": False},
     "vahadane": {
         "luminosity_threshold": 0.8,  # Lab L / 255 below this is tissue (staintools)
         "dictionary_lambda": 0.1,  # L1 weight of the sparse codes while learning the stain matrix
@@ -67,9 +67,19 @@ _METHOD_PARAMS = {
         "tolerance": 1e-4,  # stop once no stain OD component moves more than this in one update
         "max_fit_pixels": 1024,  # tissue pixels per estimate used to learn the dictionary
         "seed": 0,  # fixes which tissue pixels are subsampled
+        "keep_residual": False,
     },
     "reinhard": {"luminosity_threshold": 0.8},
 }
+# keep_residual (Macenko, Vahadane): False follows torchstain / staintools, whose output is rebuilt from
+# the two stains alone, so the optical density a 2-stain model cannot represent is lost (1-8 grey levels
+# mean on real H&E, the reference included). True adds that residual, (I - S^T S^+) od, back unchanged
+# and inverts the optical density exactly (rounded), so a patch with the reference's stains comes back
+# unchanged; it also keeps whatever colour is not H&E (pigment, JPEG artefacts, a third dye).
+_BOOL_PARAMS = ("keep_residual",)
+# On the CPU two steps use faster NumPy/OpenCV kernels instead of the torch code every other device
+# runs; False runs the device code on the CPU (the tests compare the two paths without a GPU).
+CPU_KERNELS = True
 _CHUNK_PIXELS = 64 * 96 * 96  # pixels per transform chunk: 64 PCam patches keep the working set in cache
 _MAX_CHUNK_PATCHES = 85  # Reinhard's (patch, channel, level) index must fit 16 bits: 85 * 3 * 256 <= 65536
 _STATE_VERSION = 1
@@ -128,6 +138,10 @@ class Normalizer:
         if p["fit_scope"] not in FIT_SCOPES:
             raise StainError(f"fit_scope={p['fit_scope']!r}; expected one of {FIT_SCOPES}")
         for key, value in p.items():
+            if key in _BOOL_PARAMS:
+                if not isinstance(value, bool):
+                    raise StainError(f"stain parameter {key}={value!r} must be true or false")
+                continue
             if key == "fit_scope":
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
@@ -341,19 +355,30 @@ class Normalizer:
         # bounded unmixing), and exp(-x) overflows only to +inf, which the clamp turns into 255. So
         # the few per-patch scalars are checked instead of every output value, and unusable patches
         # get zero factors so that no NaN is ever cast to uint8.
+        keep_residual = self.params["keep_residual"]
         if self.method == "macenko":
             io = float(self.params["io"])
-            # Unmix, rescale and remix fold into one 3x3 matrix per patch.
-            mixing = target_stains.T @ (scale[:, :, None] * _pseudo_inverse(stains))
+            # Unmix, rescale and remix fold into one 3x3 matrix per patch; so does keeping the residual.
+            unmix = _pseudo_inverse(stains)
+            mixing = target_stains.T @ (scale[:, :, None] * unmix)
+            if keep_residual:
+                mixing = mixing + torch.eye(3, device=od.device) - stains.transpose(1, 2) @ unmix
             ok = ok & torch.isfinite(mixing).all(dim=2).all(dim=1)
             mixing = torch.where(ok[:, None, None], mixing, 0.0)
-            rgb = (io * torch.exp(-(mixing @ od))).clamp(max=255.0)
+            rgb = io * torch.exp(-(mixing @ od))
+            # torchstain truncates io * exp(-od) = I + 1; the exact inverse of od = -log((I + 1) / io) is
+            # io * exp(-od) - 1, rounded.
+            rgb = (rgb - 1.0).round().clamp(0.0, 255.0) if keep_residual else rgb.clamp(max=255.0)
         else:
             ok = ok & torch.isfinite(stains).all(dim=2).all(dim=1) & torch.isfinite(scale).all(dim=1)
             stains = torch.where(ok[:, None, None], stains, torch.eye(2, 3, device=od.device))
             scale = torch.where(ok[:, None], scale, 0.0)
             conc = _nonneg_lasso(stains, od, self.params["concentration_lambda"])
-            rgb = 255.0 * torch.exp(-(target_stains.T @ (conc * scale[:, :, None])))
+            mixed = target_stains.T @ (conc * scale[:, :, None])
+            if keep_residual:
+                mixed = mixed + od - stains.transpose(1, 2) @ conc
+            rgb = 255.0 * torch.exp(-mixed)
+            rgb = rgb.round().clamp(0.0, 255.0) if keep_residual else rgb
         n, height, width, _ = images.shape
         out = rgb.to(torch.uint8).permute(0, 2, 1).reshape(n, height, width, 3).cpu().numpy()
         return _keep_unusable(out, images, ok)
@@ -382,7 +407,7 @@ def _optical_density(images: np.ndarray, io: float, offset: float, device: str) 
     table = _od_table(io, offset)
     n = len(images)
     channel_first = np.ascontiguousarray(images.reshape(n, -1, 3).transpose(0, 2, 1))
-    if device == "cpu":
+    if device == "cpu" and CPU_KERNELS:
         # OpenCV's table lookup reads the uint8 index directly and is several times faster than
         # numpy's or torch's gathers, which first widen the index to int64.
         rows = channel_first.reshape(n * 3, -1)
@@ -473,7 +498,7 @@ def _percentile(values: torch.Tensor, mask: torch.Tensor | None, q: float) -> to
 
 def _extremes(values: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     """(U, k) the k largest (descending) or smallest (ascending) values of each row of values (U, L)."""
-    if values.device.type != "cpu":
+    if values.device.type != "cpu" or not CPU_KERNELS:
         return values.topk(k, dim=1, largest=largest).values
     # On the CPU numpy's introselect partition is ~5x faster than torch.topk; only the k-wide
     # block it isolates is then sorted.
