@@ -7,7 +7,8 @@ Writes (runs/<run>/01_filter_pcam/):
     {train,valid,test}.h5      patch sets of the kept patches
     rejected_<split>.png       contact sheet of rejected examples
     grid_search.json, grid_kept.png, grid_rejected.png   (filter_pcam.grid_search: true)
-    summary.json               kept / rejected counts per split, label and reason
+    summary.json               kept / rejected counts per split, label and reason; `outputs` lists the
+                               patch sets this run wrote (none when it failed: a split kept no patch)
 
 Usage:
     python 01_filter_pcam.py --config config.yaml [--set filter_pcam.max_patches_per_split=1000]
@@ -22,6 +23,7 @@ import json
 import shutil
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import h5py
@@ -30,7 +32,7 @@ from tqdm import tqdm
 
 from common import cli, filters, plots
 from common.config import UserError
-from common.patchset import PatchSetWriter, provenance, step_dir, write_json, write_summary
+from common.patchset import PatchSetWriter, begin_step, provenance, write_json, write_summary
 
 STEP = "01_filter_pcam"
 PCAM_MPP = 0.972  # µm/px: Camelyon16's 0.243 µm/px at 40x, undersampled 4x
@@ -54,14 +56,26 @@ def locate(pcam_dir: Path, split: str, kind: str) -> Path:
     if not gz.is_file():
         raise UserError(f"PCam file not found: {h5} (nor {gz.name}); see the README for the download")
     print(f"   decompressing {gz.name} (once) ...")
-    with gzip.open(gz, "rb") as src, open(h5.with_suffix(".h5.part"), "wb") as dst, tqdm(
-        total=gz.stat().st_size, unit="B", unit_scale=True, desc=gz.name, leave=False
-    ) as bar:
-        while chunk := src.read(1 << 24):
-            dst.write(chunk)
-            bar.n = src.fileobj.tell()
-            bar.refresh()
-    shutil.move(h5.with_suffix(".h5.part"), h5)
+    part = h5.with_suffix(".h5.part")
+    try:
+        with gzip.open(gz, "rb") as src, open(part, "wb") as dst, tqdm(
+            total=gz.stat().st_size, unit="B", unit_scale=True, desc=gz.name, leave=False
+        ) as bar:
+            while chunk := src.read(1 << 24):
+                dst.write(chunk)
+                bar.n = src.fileobj.tell()
+                bar.refresh()
+        shutil.move(part, h5)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise UserError(f"cannot decompress {gz}: {exc} (truncated or corrupt download); delete it and "
+                        "download it again") from exc
+    except PermissionError as exc:
+        raise UserError(f"cannot decompress {gz.name}: permission denied on {exc.filename}; make data.pcam_dir "
+                        f"({pcam_dir}) readable and writable, or decompress it there yourself (gunzip -k)") from exc
+    except OSError as exc:  # e.g. the disk is full
+        raise UserError(f"cannot decompress {gz} to {h5}: {exc}") from exc
+    finally:
+        part.unlink(missing_ok=True)  # a failed run must not leave up to 7.3 GB behind (gone after a success)
     return h5
 
 
@@ -73,6 +87,15 @@ def md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+def open_h5(path: Path) -> h5py.File:
+    """Open an HDF5 file for reading; a corrupt or unreadable one is the user's to replace."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:  # h5py: 'file signature not found', truncated file, permission denied
+        raise UserError(f"cannot open {path} as HDF5 ({str(exc).splitlines()[0]}); is the download complete? "
+                        "Delete it and download it again (see the README)") from exc
+
+
 def open_split(pcam_dir: Path, split: str, verify_md5: bool) -> tuple[h5py.File, h5py.File]:
     """Open x and y of a split and check keys, shapes and dtypes against the official release."""
     paths = {kind: locate(pcam_dir, split, kind) for kind in ("x", "y")}
@@ -80,7 +103,12 @@ def open_split(pcam_dir: Path, split: str, verify_md5: bool) -> tuple[h5py.File,
         for kind, path in paths.items():
             if (got := md5(path)) != MD5_H5[f"{split}_{kind}"]:
                 raise UserError(f"{path} has MD5 {got}, expected {MD5_H5[f'{split}_{kind}']} (corrupt download?)")
-    fx, fy = h5py.File(paths["x"], "r"), h5py.File(paths["y"], "r")
+    fx = open_h5(paths["x"])
+    try:
+        fy = open_h5(paths["y"])
+    except UserError:
+        fx.close()
+        raise
     for f, kind, tail in ((fx, "x", (96, 96, 3)), (fy, "y", (1, 1, 1))):
         if kind not in f:
             raise UserError(f"{f.filename} has no dataset '{kind}' (keys: {', '.join(f.keys())})")
@@ -168,12 +196,20 @@ def grid_search(cfg: dict, fx, fy, split: str, out: Path, thresholds: dict) -> d
     for r in results:  # F1 of rejecting junk, where junk is known
         p, q = r.get("precision", float("nan")), r.get("recall", float("nan"))
         r["f1"] = 2 * p * q / (p + q) if p + q > 0 else float("nan")
+    # Without known junk every F1 is NaN: any "best" would just be the loosest candidate, so there is none.
+    scored = [r for r in results if np.isfinite(r["f1"])]
+    best = max(scored, key=lambda r: r["f1"]) if scored else None
     keep, _ = filters.filter_patches(x, **thresholds)
     plots.contact_sheet(out / "grid_kept.png", x[keep][:128])
     plots.contact_sheet(out / "grid_rejected.png", x[~keep][:128])
-    write_json(out / "grid_search.json", {"split": split, "n_samples": len(index), "results": results})
-    best = max(results, key=lambda r: r["kept_fraction"] if np.isnan(r["f1"]) else r["f1"])
-    print(f"   grid search on {len(index)} {split} patches: {len(results)} candidates, best {best}")
+    write_json(out / "grid_search.json", {"split": split, "n_samples": len(index), "best": best, "results": results})
+    print(f"   grid search on {len(index)} {split} patches: {len(results)} candidates")
+    if best is not None:
+        print(f"   best (max F1 of rejecting junk): {best}")
+    else:
+        why = f"{junk_file} not found" if is_junk is None else f"no known junk among the sampled {split} patches"
+        print(f"   no best candidate: F1 needs known junk ({why}); judge grid_kept.png, grid_rejected.png "
+              "and the kept fractions in grid_search.json")
     return {"n_candidates": len(results), "best": best}
 
 
@@ -182,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, _ = cli.start(argv, __doc__, STEP)
     fc = cfg["filter_pcam"]
     pcam_dir = Path(cfg["data"]["pcam_dir"])
-    out = step_dir(cfg, STEP)
+    out = begin_step(cfg, STEP)
     thresholds = {k: (tuple(fc[k]) if fc[k] is not None else None)
                   for k in ("hue_range", "saturation_range", "value_range")}
     thresholds["blur_sigma_px"] = fc["blur_sigma_px"]
@@ -206,10 +242,14 @@ def main(argv: list[str] | None = None) -> int:
         total_kept += kept
         print(f"   {split}: kept {kept} / {n}  {json.dumps(counts)}")
 
+    # A split without patches would break every later step that reads it: the whole run fails.
+    empty = [split for split, counts in per_split.items() if counts["kept"] == 0]
+    outputs = [] if empty else [f"{split}.h5" for split in per_split]
     write_summary(out, STEP, cfg, started, splits=per_split, kept=total_kept, thresholds=thresholds,
-                  grid_search=grid)
-    if total_kept == 0:
-        print("error: no patch passed the filter; check filter_pcam thresholds", file=sys.stderr)
+                  grid_search=grid, outputs=outputs)
+    if empty:
+        print(f"error: no patch of split {', '.join(empty)} passed the filter; check the filter_pcam thresholds "
+              f"against rejected_{empty[0]}.png and the counts in {out / 'summary.json'}", file=sys.stderr)
         return 1
     print(f"   wrote {out}")
     return 0

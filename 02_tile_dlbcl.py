@@ -11,7 +11,8 @@ Writes (runs/<run>/02_tile_dlbcl/):
     summary.json                 counts per slide, and every skipped row, ROI or slide with its reason:
                                  malformed_row, missing_slide, slide_error (unreadable, no mpp),
                                  roi_empty, roi_outside_slide, roi_smaller_than_patch,
-                                 roi_all_patches_rejected
+                                 roi_all_patches_rejected; `outputs` lists dlbcl.h5 when this run wrote it
+Fails (exit 1, summary.json with `error`) when lymphoma, or negatives with tile_dlbcl.negatives, get no patch.
 
 Usage:
     python 02_tile_dlbcl.py --config config.yaml [--set tile_dlbcl.mpp_override=0.25]
@@ -23,6 +24,7 @@ import contextlib
 import csv
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -31,16 +33,19 @@ from tqdm import tqdm
 
 from common import cli, slides
 from common.config import UserError
-from common.patchset import PatchSetWriter, provenance, step_dir, write_summary
+from common.patchset import PatchSetWriter, begin_step, provenance, write_summary
 
 STEP = "02_tile_dlbcl"
 
 
-def read_annotations(path: Path, stain: str) -> tuple[dict[str, list], list[dict]]:
-    """ROIs of one stain grouped by tma_id, and the rows skipped as malformed.
+def read_annotations(path: Path, stain: str) -> tuple[dict[str, list], list[dict], Counter]:
+    """ROIs of one stain grouped by tma_id, the rows skipped as malformed, and the stains seen.
+
+    Blank rows (a trailing empty line, or only commas as spreadsheets export them) are ignored.
 
     Returns:
-        ({tma_id: [(row_number, patient_id, (xs, ys, xe, ye)), ...]}, [{item, reason}, ...])
+        ({tma_id: [(row_number, patient_id, (xs, ys, xe, ye)), ...]}, [{item, reason}, ...],
+         Counter {stain: rows} over the well-formed rows)
     """
     if not path.is_file():
         raise UserError(f"annotations not found: {path} (expected the DLBCL-Morph layout TMA/annotations.csv)")
@@ -48,17 +53,20 @@ def read_annotations(path: Path, stain: str) -> tuple[dict[str, list], list[dict
         rows = list(csv.reader(f))
     has_header = bool(rows) and len(rows[0]) >= 7 and not _is_number(rows[0][3])
     by_slide: dict[str, list] = {}
-    skipped = []
+    skipped, stains = [], Counter()
     for number, row in enumerate(rows[has_header:], start=1 + has_header):
+        if not any(v.strip() for v in row):
+            continue
         if len(row) < 7 or not all(_is_number(v) for v in row[3:7]):
             skipped.append({"item": f"annotations.csv row {number}", "reason": "malformed_row",
                             "detail": f"expected 7 columns with numeric xs, ys, xe, ye, got {row!r}"})
             continue
+        stains[row[2].strip()] += 1
         if row[2].strip() != stain:
             continue
         box = tuple(int(float(v)) for v in row[3:7])
         by_slide.setdefault(row[1].strip(), []).append((number, row[0].strip(), box))
-    return by_slide, skipped
+    return by_slide, skipped, stains
 
 
 def _is_number(text: str) -> bool:
@@ -91,7 +99,8 @@ def tile_one(job: dict) -> dict:
 
 
 def balance(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Indices of a 50/50 subsample (the larger class subsampled), sorted."""
+    """Indices of a 50/50 subsample (the larger class subsampled), sorted; all indices when one class is
+    absent, which main() allows only with tile_dlbcl.negatives: false."""
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     n = min(len(pos), len(neg))
     if n == 0:
@@ -99,16 +108,37 @@ def balance(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.sort(np.concatenate([rng.choice(pos, n, replace=False), rng.choice(neg, n, replace=False)]))
 
 
+def failure_message(empty: list[str], found: dict[str, int], skipped: list[dict], parts: list[dict],
+                    n_slides: int, missing_pattern: Path) -> str:
+    """Why a class got no patch: the top skip and quality-filter reasons with counts, and the slide path
+    looked for when slides were missing (the usual cause: a stain folder named differently)."""
+    reasons = Counter(s["reason"] for s in skipped)
+    for cls in empty:
+        for part in parts:
+            for reason, n in part["counts"]["positive" if cls == "lymphoma" else "negative"]["rejected"].items():
+                reasons[f"{cls}_patch_{reason}"] += n
+    top = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common(3)) or "nothing was skipped or rejected"
+    message = (f"no {' and no '.join(empty)} patches ({found['lymphoma']} lymphoma, {found['negative']} negative "
+               f"from {len(parts)} of {n_slides} slides); top reasons: {top}")
+    if reasons["missing_slide"]:
+        folders = sorted(p.name for p in missing_pattern.parent.parent.iterdir() if p.is_dir())
+        message += (f"; {reasons['missing_slide']} of {n_slides} slides missing, looked for {missing_pattern} "
+                    f"(folders in {missing_pattern.parent.parent}: {', '.join(folders) or 'none'})")
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.time()
     cfg, _ = cli.start(argv, __doc__, STEP)
     t = cfg["tile_dlbcl"]
     tma = Path(cfg["data"]["dlbcl_dir"]) / "TMA"
-    out = step_dir(cfg, STEP)
+    out = begin_step(cfg, STEP)
     (out / "overview").mkdir(exist_ok=True)
-    by_slide, skipped = read_annotations(tma / "annotations.csv", t["stain"])
+    by_slide, skipped, stains = read_annotations(tma / "annotations.csv", t["stain"])
     if not by_slide:
-        raise UserError(f"{tma / 'annotations.csv'} has no rows with stain {t['stain']!r} (tile_dlbcl.stain)")
+        seen = ", ".join(f"{stain!r} ({n} rows)" for stain, n in stains.most_common()) or "none"
+        raise UserError(f"{tma / 'annotations.csv'} has no rows with stain {t['stain']!r} (tile_dlbcl.stain); "
+                        f"stains present: {seen}")
     print(f"   input {tma}: {sum(map(len, by_slide.values()))} {t['stain']} ROIs on {len(by_slide)} slides")
 
     jobs = []
@@ -134,13 +164,21 @@ def main(argv: list[str] | None = None) -> int:
         per_slide[res["tma_id"]] = {"level": res["level"], "counts": res["counts"], "kept": len(res["y"])}
         parts.append(res)
 
-    n_total = sum(len(p["y"]) for p in parts)
-    if n_total == 0:
-        write_summary(out, STEP, cfg, started, slides=per_slide, n_patches=0, skipped=skipped)
-        print(f"error: no patches from {len(jobs)} slides; see {out / 'summary.json'}", file=sys.stderr)
+    for item in skipped[:10]:
+        print(f"   skipped {item['item']}: {item['reason']} ({item.get('detail', '')})")
+
+    # ---- a patch set without lymphoma (or without the negatives asked for) trains nothing: fail loudly
+    y = np.concatenate([np.zeros(0, np.uint8), *(p["y"] for p in parts)]).astype(np.uint8)
+    found = {"lymphoma": int((y == 1).sum()), "negative": int((y == 0).sum())}
+    empty = [cls for cls in ("lymphoma", "negative") if found[cls] == 0 and (cls == "lymphoma" or t["negatives"])]
+    if empty:
+        message = failure_message(empty, found, skipped, parts, len(by_slide), tma / t["stain"] / "<tma_id>.svs")
+        write_summary(out, STEP, cfg, started, slides=per_slide, n_patches=0, found=found, skipped=skipped,
+                      error=message, outputs=[])
+        print(f"error: {message}; see {out / 'summary.json'}", file=sys.stderr)
         return 1
+    n_total = len(y)
     x = np.concatenate([p["x"] for p in parts])
-    y = np.concatenate([p["y"] for p in parts]).astype(np.uint8)
     group = np.concatenate([p["group"] for p in parts])
     coords = np.concatenate([p["coords"] for p in parts])
     keep = balance(y, np.random.default_rng(cfg["run"]["seed"])) if t["balance"] else np.arange(len(y))
@@ -150,11 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         writer.append(x[keep], y[keep], group[keep], coords[keep])
     n_pos, n_neg = int((y[keep] == 1).sum()), int((y[keep] == 0).sum())
     write_summary(out, STEP, cfg, started, slides=per_slide, n_patches=len(keep), n_positive=n_pos,
-                  n_negative=n_neg, n_before_balance=n_total, skipped=skipped)
+                  n_negative=n_neg, n_before_balance=n_total, skipped=skipped, outputs=["dlbcl.h5"])
     print(f"   wrote {len(keep)} patches ({n_pos} lymphoma, {n_neg} negative) from {len(parts)} slides; "
           f"{len(skipped)} items skipped (see summary.json)")
-    for item in skipped[:10]:
-        print(f"   skipped {item['item']}: {item['reason']} ({item.get('detail', '')})")
     return 0
 
 

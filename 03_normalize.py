@@ -38,10 +38,10 @@ from common import cli, plots, stain
 from common.config import UserError
 from common.patchset import (
     PatchSet,
+    begin_step,
     provenance,
     read_patch_set,
     require_step,
-    step_dir,
     write_json,
     write_patch_set,
     write_summary,
@@ -69,9 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     cfg, device = cli.start(argv, __doc__, STEP)
     nc = cfg["normalize"]
-    inputs = {f"pcam_{s}": require_step(cfg, "01_filter_pcam") / f"{s}.h5" for s in ("train", "valid", "test")}
-    inputs["dlbcl"] = require_step(cfg, "02_tile_dlbcl") / "dlbcl.h5"
-    out = step_dir(cfg, STEP)
+    pcam_dir = require_step(cfg, "01_filter_pcam", outputs=[f"{s}.h5" for s in ("train", "valid", "test")])
+    inputs = {f"pcam_{s}": pcam_dir / f"{s}.h5" for s in ("train", "valid", "test")}
+    inputs["dlbcl"] = require_step(cfg, "02_tile_dlbcl", outputs=["dlbcl.h5"]) / "dlbcl.h5"
+    out = begin_step(cfg, STEP)
     sets = {name: read_patch_set(path) for name, path in inputs.items()}
     if len(sets["pcam_train"]) == 0:
         raise UserError(f"{inputs['pcam_train']} holds no patches")
@@ -106,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   {method}: {done}")
     rows = [(f"{src} · {method}", samples[src, method]) for src in ("pcam", "dlbcl") for method in nc["methods"]]
     plots.labelled_rows(out / "before_after.png", rows)
-    write_summary(out, STEP, cfg, started, reference=ref_from, methods=counts)
+    files = [*(f"{name}.h5" for name in sets), "normalizer.json"]
+    outputs = [f"{method}/{file}" for method in nc["methods"] for file in files]
+    write_summary(out, STEP, cfg, started, reference=ref_from, methods=counts, outputs=outputs)
     print(f"   wrote {out} (figure: {out / 'before_after.png'})")
     return 0
 

@@ -31,7 +31,7 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 
 from common import cli, data, metrics, models, plots
-from common.patchset import atomic_path, require_step, step_dir, write_json, write_summary
+from common.patchset import atomic_path, begin_step, require_step, write_json, write_summary
 
 STEP = "04_cluster"
 # Thesis §6.1 (ResNet-18 ImageNet features; "after" = stain-normalised, Macenko best)
@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     cfg, device = cli.start(argv, __doc__, STEP)
     cc, seed = cfg["cluster"], cfg["run"]["seed"]
-    norm = require_step(cfg, "03_normalize")
-    methods = [m for m in cfg["normalize"]["methods"] if (norm / m / "dlbcl.h5").is_file()]
-    out = step_dir(cfg, STEP)
+    methods = cfg["normalize"]["methods"]
+    norm = require_step(cfg, "03_normalize", outputs=[f"{m}/{s}.h5" for m in methods for s in ("pcam_train", "dlbcl")])
+    out = begin_step(cfg, STEP)
     (out / "features").mkdir(exist_ok=True)
     index = sample_negatives(norm / methods[0], cc["n_per_source"], seed)
     print(f"   negatives: {len(index['pcam_train'])} PCam, {len(index['dlbcl'])} DLBCL; methods {methods}")

@@ -33,6 +33,7 @@ CLASS_NAMES = {
     "mixed": ["negative", "breast", "lymphoma"],
 }
 SPLITS = ("train", "valid", "test")
+SET_STEMS = ("pcam_train", "pcam_valid", "pcam_test", "dlbcl")  # the patch sets 03 writes per method
 SPLIT_COLUMNS = ("split", "file", "index", "group", "source", "label")
 
 

@@ -48,15 +48,26 @@ class PatchSet:
         return PatchSet(self.x[index], self.y[index], self.group[index], self.coords[index], dict(self.attrs))
 
 
+def _file_mode() -> int:
+    """The mode a plain `open()` would give a new file under the process umask."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    The file gets the umask's usual mode (e.g. 0644), not mkstemp's owner-only 0600, so results on a
+    shared server are readable as any other file written there."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -194,8 +205,23 @@ def step_dir(cfg: dict, stem: str) -> Path:
     return path
 
 
-def require_step(cfg: dict, stem: str) -> Path:
+def begin_step(cfg: dict, stem: str) -> Path:
+    """`step_dir` with the step's old `summary.json` removed: until this run writes a new one (last),
+    later steps see the step as not run, never as finished over a mix of old and new files."""
+    path = step_dir(cfg, stem)
+    (path / "summary.json").unlink(missing_ok=True)
+    return path
+
+
+def require_step(cfg: dict, stem: str, outputs: tuple[str, ...] | list[str] = ()) -> Path:
     """The folder of an upstream step, which must have finished (its `summary.json` exists).
+
+    Args:
+        cfg: the resolved config.
+        stem: the upstream script's stem, e.g. "02_tile_dlbcl".
+        outputs: files (relative to that folder) the caller will read; each must be listed in the
+            summary's `outputs`, i.e. written by the step's last run (not left over from an older one).
+            Summaries without an `outputs` list (older versions) are not checked.
 
     Raises:
         UserError: naming the script to run first.
@@ -203,6 +229,13 @@ def require_step(cfg: dict, stem: str) -> Path:
     path = run_dir(cfg) / stem
     if not (path / "summary.json").is_file():
         raise UserError(f"{path / 'summary.json'} is missing: run `python {stem}.py` with this config first")
+    if outputs:
+        written = json.loads((path / "summary.json").read_text()).get("outputs")
+        stale = [name for name in outputs if written is not None and name not in written]
+        if stale:
+            raise UserError(f"{path / stale[0]} was not written by the last run of {stem} (its summary.json "
+                            f"does not list it{'; that run failed or skipped it' if written == [] else ''}): "
+                            f"rerun `python {stem}.py` with this config")
     return path
 
 

@@ -113,9 +113,9 @@ def slide_mpp(slide, name: str, mpp_override: float | None = None,
         if power is not None:
             return 10.0 / power
         raise SlideError(f"slide {name} has neither openslide.mpp-x nor openslide.objective-power; "
-                         "set dlbcl.mpp_override (um/px)")
-    raise SlideError(f"slide {name} has no openslide.mpp-x; set dlbcl.mpp_override (um/px) "
-                     "or enable dlbcl.allow_objective_power")
+                         "set tile_dlbcl.mpp_override (um/px)")
+    raise SlideError(f"slide {name} has no openslide.mpp-x; set tile_dlbcl.mpp_override (um/px) "
+                     "or enable tile_dlbcl.allow_objective_power")
 
 
 def pick_level(level_downsamples, wanted_downsample: float, rel_tolerance: float = 0.01) -> int:

@@ -66,8 +66,11 @@ def test_open_slide_errors_name_the_path(tmp_path):
 def test_slide_mpp_sources_and_missing_mpp_error():
     assert slide_mpp(open_slide(CMU), "cmu") == pytest.approx(0.499)
     tcga = open_slide(TCGA)
-    with pytest.raises(SlideError, match="slide tcga.svs has no openslide.mpp-x; set dlbcl.mpp_override"):
+    with pytest.raises(SlideError) as missing:
         slide_mpp(tcga, "tcga.svs")
+    # The message names the real config keys (tile_dlbcl.*), so the user can paste them into --set.
+    assert str(missing.value) == ("slide tcga.svs has no openslide.mpp-x; set tile_dlbcl.mpp_override (um/px) "
+                                  "or enable tile_dlbcl.allow_objective_power")
     assert slide_mpp(tcga, "tcga.svs", mpp_override=0.25) == 0.25
     with pytest.raises(SlideError, match="mpp_override must be a positive number"):
         slide_mpp(tcga, "tcga.svs", mpp_override=-1.0)
@@ -77,7 +80,7 @@ def test_slide_mpp_sources_and_missing_mpp_error():
     assert slide_mpp(forty_x, "f", allow_objective_power=True) == pytest.approx(0.25)
     with pytest.raises(SlideError, match="no openslide.mpp-x"):
         slide_mpp(forty_x, "f")
-    with pytest.raises(SlideError, match="neither openslide.mpp-x nor openslide.objective-power"):
+    with pytest.raises(SlideError, match=r"nor openslide.objective-power; set tile_dlbcl\.mpp_override \(um/px\)$"):
         slide_mpp(FakeSlide({}), "f", allow_objective_power=True)
 
 

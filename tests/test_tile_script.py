@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
+from common.config import UserError
 from common.demo import write_demo_dlbcl
 from common.patchset import read_patch_set
 from tests.conftest import ROOT, load_script
@@ -55,6 +56,7 @@ def test_bad_rows_and_slides_are_skipped_and_named(tmp_path: Path, tile_script):
     assert (np.bincount(ps.y) == summary["n_patches"] // 2).all()  # balanced 50/50
     assert ps.attrs["mpp"] == pytest.approx(0.972) and set(ps.group) <= {r.split(",")[0] for r in good}
     assert (out / "overview" / "TA101.png").is_file()
+    assert summary["outputs"] == ["dlbcl.h5"]
 
 
 def test_zero_patches_is_a_failure_with_a_summary(tmp_path: Path, tile_script):
@@ -68,3 +70,89 @@ def test_zero_patches_is_a_failure_with_a_summary(tmp_path: Path, tile_script):
     assert tile_script.main(["--config", str(tmp_path / "c.yaml")]) == 1
     summary = json.loads((tmp_path / "runs" / "t" / "02_tile_dlbcl" / "summary.json").read_text())
     assert summary["n_patches"] == 0 and summary["skipped"][0]["reason"] == "missing_slide"
+    assert summary["outputs"] == []
+
+
+# ---------------------------------------------------------------- a class with no patch, hidden causes
+
+
+@pytest.fixture(scope="module")
+def demo_dlbcl(tmp_path_factory) -> Path:
+    """One demo slide, TA101 (5248 x 2928 px at 0.5 um/px), with two HE ROIs of patient 71177."""
+    folder = tmp_path_factory.mktemp("dlbcl") / "dlbcl"
+    write_demo_dlbcl(folder, n_slides=1, cores_per_slide=2, seed=5, workers=1)
+    return folder
+
+
+def run_02(tile_script, tmp_path: Path, demo_dlbcl: Path, rows: list[str], **tile_dlbcl) -> tuple[int, Path]:
+    """Copy the demo, replace annotations.csv by `rows` and run 02; (exit status, step folder)."""
+    shutil.copytree(demo_dlbcl, tmp_path / "dlbcl")
+    (tmp_path / "dlbcl" / "TMA" / "annotations.csv").write_text(
+        "\n".join(["patient_id,tma_id,stain,xs,ys,xe,ye", *rows]) + "\n")
+    config = {"base": str(ROOT / "configs" / "demo.yaml"),
+              "run": {"name": "t", "output_root": str(tmp_path / "runs")},
+              "data": {"dlbcl_dir": str(tmp_path / "dlbcl")}, "tile_dlbcl": {"workers": 1, **tile_dlbcl}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    return tile_script.main(["--config", str(tmp_path / "c.yaml")]), tmp_path / "runs" / "t" / "02_tile_dlbcl"
+
+
+def last_error_line(capsys) -> str:
+    """The final line on stderr (progress bars share it)."""
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_no_lymphoma_patch_fails_naming_the_class_and_reasons(tmp_path, tile_script, demo_dlbcl, capsys):
+    outside = ["71177,TA101,HE,900000,900000,900500,900500", "71177,TA101,HE,800000,0,800500,500"]
+    status, out = run_02(tile_script, tmp_path, demo_dlbcl, outside)
+    assert status == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["outputs"] == [] and summary["n_patches"] == 0 and not (out / "dlbcl.h5").exists()
+    assert summary["found"]["lymphoma"] == 0 and summary["found"]["negative"] > 0  # negatives alone: no patch set
+    error = last_error_line(capsys)
+    assert error.startswith(f"error: no lymphoma patches (0 lymphoma, {summary['found']['negative']} negative "
+                            "from 1 of 1 slides); top reasons: roi_outside_slide 2")
+    assert summary["error"] in error
+
+
+def test_no_negative_patch_fails_unless_negatives_are_off(tmp_path, tile_script, demo_dlbcl, capsys):
+    whole_slide = ["71177,TA101,HE,0,0,5248,2928"]  # every grid cell touches the ROI: no negative candidate
+    status, out = run_02(tile_script, tmp_path / "on", demo_dlbcl, whole_slide)
+    summary = json.loads((out / "summary.json").read_text())
+    assert status == 1 and summary["outputs"] == [] and summary["found"]["negative"] == 0
+    assert summary["found"]["lymphoma"] > 0
+    assert last_error_line(capsys).startswith("error: no negative patches (")
+
+    status, out = run_02(tile_script, tmp_path / "off", demo_dlbcl, whole_slide, negatives=False)
+    summary = json.loads((out / "summary.json").read_text())
+    assert status == 0 and summary["outputs"] == ["dlbcl.h5"]
+    ps = read_patch_set(out / "dlbcl.h5")
+    assert len(ps) == summary["n_patches"] > 0 and (ps.y == 1).all()
+
+
+def test_missing_slides_name_the_path_looked_for(tmp_path, tile_script, demo_dlbcl, capsys):
+    shutil.copytree(demo_dlbcl, tmp_path / "src")
+    (tmp_path / "src" / "TMA" / "HE").rename(tmp_path / "src" / "TMA" / "H_E")  # the CSV still says HE
+    status, out = run_02(tile_script, tmp_path, tmp_path / "src", ["71177,TA101,HE,833,676,1772,1947"])
+    assert status == 1
+    tma = tmp_path / "dlbcl" / "TMA"
+    assert last_error_line(capsys).startswith(
+        "error: no lymphoma and no negative patches (0 lymphoma, 0 negative from 0 of 1 slides); top reasons: "
+        f"missing_slide 1; 1 of 1 slides missing, looked for {tma / 'HE' / '<tma_id>.svs'} "
+        f"(folders in {tma}: H_E)")
+
+
+def test_unknown_stain_lists_the_stains_present(tmp_path, tile_script, demo_dlbcl):
+    rows = ["71177,TA101,H&E,833,676,1772,1947", "71177,TA101,H&E,3193,658,4218,1965",
+            "71177,TA101,CD10,873,716,1812,1987"]
+    with pytest.raises(UserError, match=r"no rows with stain 'HE' \(tile_dlbcl.stain\); "
+                                        r"stains present: 'H&E' \(2 rows\), 'CD10' \(1 rows\)$"):
+        run_02(tile_script, tmp_path, demo_dlbcl, rows)
+
+
+def test_blank_rows_are_ignored_not_malformed(tmp_path, tile_script):
+    path = tmp_path / "annotations.csv"
+    path.write_text("patient_id,tma_id,stain,xs,ys,xe,ye\n1,TA1,HE,0,0,10,10\n\n,,,,,,\n  , ,\n2,TA1,HE,0,0,x,10\n\n")
+    by_slide, skipped, stains = tile_script.read_annotations(path, "HE")
+    assert by_slide == {"TA1": [(2, "1", (0, 0, 10, 10))]}
+    assert [(s["item"], s["reason"]) for s in skipped] == [("annotations.csv row 6", "malformed_row")]
+    assert stains == {"HE": 1}
