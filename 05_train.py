@@ -58,12 +58,22 @@ def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def epoch_order(n: int, generator: torch.Generator, rank: int, world: int) -> np.ndarray:
+    """This rank's patch indices for one epoch: a seeded permutation cut into ``world`` equal shards.
+
+    Up to ``world - 1`` patches (different ones each epoch) are left out so that every rank runs the
+    same number of batches: a rank with one batch more would wait forever in DDP's gradient all-reduce."""
+    order = torch.randperm(n, generator=generator).numpy()
+    return order[:n - n % world][rank::world]
+
+
 def train_one_epoch(model, criterion, optimizer, split: data.Split, mean, std, tc: dict, epoch: int, seed: int,
                     device, rank: int, world: int) -> dict:
-    """One pass over this rank's shard of a seeded permutation; augmentation on the device."""
+    """One pass over this rank's shard of a seeded permutation; augmentation on the device. Loss and
+    accuracy are over all ranks' patches."""
     model.train()
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # the same on every rank, resumable
-    order = torch.randperm(len(split), generator=generator).numpy()[rank::world]
+    order = epoch_order(len(split), generator, rank, world)
     labels_all = torch.from_numpy(split.label)
     mean_t, std_t = (torch.as_tensor(v, device=device) for v in (mean, std))
     use_cuda = device.type == "cuda"
@@ -85,20 +95,36 @@ def train_one_epoch(model, criterion, optimizer, split: data.Split, mean, std, t
         loss.backward()
         optimizer.step()
         total_loss += loss.item() * len(idx)
-        correct += int((engine.probabilities(logits.detach()).argmax(1) == labels).sum())
+        correct += int((engine.log_probabilities(logits.detach()).argmax(1) == labels).sum())
         seen += len(idx)
     seconds = time.time() - t0
+    if world > 1:
+        sums = torch.tensor([total_loss, correct, seen], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        total_loss, correct, seen = sums.tolist()
     return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1),
-            "images_per_s": round(seen * world / max(seconds, 1e-9), 1), "train_seconds": round(seconds, 1)}
+            "images_per_s": round(seen / max(seconds, 1e-9), 1), "train_seconds": round(seconds, 1)}
 
 
-def validate(model, criterion, split: data.Split, mean, std, tc: dict, device) -> dict:
+def validate(model, criterion, split: data.Split, mean, std, tc: dict, device, rank: int, world: int) -> dict:
+    """Validation loss and accuracy, computed on rank 0 and shared with every rank.
+
+    Each rank's BatchNorm statistics end the epoch updated by its own last batch, so validating on every
+    rank would give slightly different losses, and the learning-rate and early-stopping decisions that
+    follow from them could differ between ranks; rank 0's model is also the one saved."""
+    record = [_validate(model, criterion, split, mean, std, tc, device) if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(record, src=0, device=device if device.type == "cuda" else None)
+    return record[0]
+
+
+def _validate(model, criterion, split: data.Split, mean, std, tc: dict, device) -> dict:
     logits = engine.predict_logits(model, split.x, mean, std, device, batch_size=max(256, tc["batch_size"]),
                                    channels_last=tc["channels_last"],
                                    bf16=tc["bf16"] and device.type == "cuda")
     labels = torch.from_numpy(split.label)
     loss = engine.loss_value(criterion, logits, labels).item()
-    acc = float((engine.probabilities(logits).argmax(1) == labels).float().mean())
+    acc = float((engine.log_probabilities(logits).argmax(1) == labels).float().mean())
     return {"valid_loss": loss, "valid_acc": acc}
 
 
@@ -130,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     source = require_step(cfg, "03_normalize") / tc["method"]
     if not (source / "dlbcl.h5").is_file():
         raise UserError(f"{source} has no patch sets: add {tc['method']!r} to normalize.methods and rerun 03")
+    require_step(cfg, "03_normalize", outputs=[f"{tc['method']}/{stem}.h5" for stem in data.SET_STEMS])
     checkpoint = resume_from(tc, folder)
 
     # ---- model, optimiser, scheduler
@@ -183,9 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         log_path.unlink(missing_ok=True)
     board = tensorboard_writer(folder) if rank == 0 else None
     for epoch in range(state["epoch"], tc["epochs"]):
+        if state["bad_epochs"] >= tc["early_stopping_patience"]:  # checked first: a resumed run may have stopped
+            print(f"   early stop: no validation-loss improvement for {state['bad_epochs']} epochs")
+            break
         record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
         record |= train_one_epoch(net, criterion, optimizer, train, mean, std, tc, epoch, seed, device, rank, world)
-        record |= validate(model, criterion, valid, mean, std, tc, device)
+        record |= validate(model, criterion, valid, mean, std, tc, device, rank, world)
         scheduler.step(record["valid_loss"])
         state["epoch"] = epoch + 1
         better_acc = record["valid_acc"] > state["best_acc"]
@@ -209,9 +239,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   epoch {epoch + 1:3d}  loss {record['train_loss']:.4f}/{record['valid_loss']:.4f}  "
                   f"acc {record['train_acc']:.4f}/{record['valid_acc']:.4f}  lr {record['lr']:.1e}  "
                   f"{record['images_per_s']:.0f} img/s")
-        if state["bad_epochs"] >= tc["early_stopping_patience"]:
-            print(f"   early stop: no validation-loss improvement for {state['bad_epochs']} epochs")
-            break
 
     if board is not None:
         board.close()

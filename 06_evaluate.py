@@ -4,10 +4,13 @@ Reads:  runs/<run>/05_train/<experiment>/{split.csv, experiment.json, <evaluate.
         runs/<run>/03_normalize/<method>/*.h5
 Writes (runs/<run>/06_evaluate/<experiment>/):
     metrics.json      accuracy, balanced_accuracy, auc, per_class P/R/F1, confusion_matrix,
-                      bootstrap 95 % CIs, for `mixed` a per-source breakdown, and
+                      bootstrap 95 % CIs (ci95: resampling slides/patients, as patches of one
+                      patient are correlated; ci95_patches: resampling patches, narrower, for
+                      comparison with papers that do so), for `mixed` a per-source breakdown, and
                       colour_baseline_accuracy: a classifier on per-patch mean colour alone (how much
                       of the task colour gives away; the model should beat it by far)
-    predictions.csv   file, index, group, source, label, p_<class> per class, pred
+    predictions.csv   file, index, group, source, label, p_<class> per class, logp_<class> per class
+                      (the log-probabilities all metrics are computed from: they never saturate), pred
     roc.png, confusion.png
     tables.md         Table 1 (binary) or Table 2 (mixed) layout, the thesis's values beside ours
     summary.json
@@ -62,11 +65,13 @@ def thesis_table(task: str, model: str, m: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_predictions(path: Path, test: data.Split, probs: np.ndarray, class_names: list[str]) -> None:
-    columns = ["file", "index", "group", "source", "label", *[f"p_{c}" for c in class_names], "pred"]
+def write_predictions(path: Path, test: data.Split, log_probs: np.ndarray, class_names: list[str]) -> None:
+    columns = ["file", "index", "group", "source", "label", *[f"p_{c}" for c in class_names],
+               *[f"logp_{c}" for c in class_names], "pred"]
     table = np.column_stack([test.file, test.index, test.group, test.source, test.label,
-                             *[np.char.mod("%.8f", probs[:, k]) for k in range(probs.shape[1])],
-                             probs.argmax(1)])
+                             *[np.char.mod("%.8f", np.exp(log_probs[:, k])) for k in range(log_probs.shape[1])],
+                             *[np.char.mod("%.17g", log_probs[:, k]) for k in range(log_probs.shape[1])],
+                             log_probs.argmax(1)])
     with atomic_path(path) as tmp:
         np.savetxt(tmp, table, fmt="%s", delimiter=",", comments="", header=",".join(columns))
 
@@ -98,18 +103,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"   experiment {folder.name}: {len(test)} test patches, checkpoint {ec['checkpoint']}, tta {ec['tta']}")
 
     logits = engine.predict_logits(model, test.x, meta["mean"], meta["std"], device, tta=ec["tta"])
-    probs = engine.probabilities(logits).numpy().astype(np.float64)
-    m = metrics.classification_metrics(test.label, probs, class_names)
-    m["ci95"] = metrics.bootstrap_ci(test.label, probs, class_names, n_boot=ec["n_bootstrap"], seed=seed)
+    scores = engine.log_probabilities(logits).numpy()  # log-probabilities: ranks never tie by saturation
+    m = metrics.classification_metrics(test.label, scores, class_names)
+    patient = np.char.add(np.char.add(test.source.astype(str), "/"), test.group.astype(str))
+    m["ci95"] = metrics.bootstrap_ci(test.label, scores, class_names, n_boot=ec["n_bootstrap"], seed=seed,
+                                     groups=patient)
+    m["ci95_groups"] = int(len(np.unique(patient)))
+    m["ci95_patches"] = metrics.bootstrap_ci(test.label, scores, class_names, n_boot=ec["n_bootstrap"], seed=seed)
     if meta["task"] == "mixed":
         m["per_source"] = {src: {"n": int((test.source == src).sum()),
-                                 "accuracy": float((probs.argmax(1) == test.label)[test.source == src].mean())}
+                                 "accuracy": float((scores.argmax(1) == test.label)[test.source == src].mean())}
                            for src in np.unique(test.source)}
     m["colour_baseline_accuracy"] = colour_baseline(cols, source, test, seed)
     m |= {"n_test": len(test), "checkpoint": ec["checkpoint"], "tta": ec["tta"], "class_names": class_names}
-    write_predictions(folder / "predictions.csv", test, probs, class_names)
+    write_predictions(folder / "predictions.csv", test, scores, class_names)
     write_json(folder / "metrics.json", m)
-    plots.roc_curves(folder / "roc.png", metrics.roc_points(test.label, probs, class_names), folder.name)
+    plots.roc_curves(folder / "roc.png", metrics.roc_points(test.label, scores, class_names), folder.name)
     plots.confusion(folder / "confusion.png", np.array(m["confusion_matrix"]), class_names, folder.name)
     table = thesis_table(meta["task"], meta["model"], m) + (
         f"\nColour-only baseline (logistic regression on per-patch mean RGB): "
@@ -118,9 +127,13 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text(table)
     write_summary(folder, STEP, cfg, started, experiment=folder.name, accuracy=m["accuracy"], auc=m["auc"])
     write_experiments_summary(folder.parent, STEP, cfg, started)
-    ci = m["ci95"]["accuracy"]
-    print(f"   accuracy {m['accuracy']:.4f} (95 % CI {ci[0]:.4f}-{ci[1]:.4f})  balanced "
-          f"{m['balanced_accuracy']:.4f}  AUC {m['auc']:.4f}  colour-only baseline "
+    ci, ci_patches = m["ci95"]["accuracy"], m["ci95_patches"]["accuracy"]
+    ci_text = (f"95 % CI {ci[0]:.4f}-{ci[1]:.4f} over {m['ci95_groups']} slides/patients"
+               if m["ci95_groups"] > 1 else "no CI over slides/patients: the test split holds one")
+    if 1 < m["ci95_groups"] < 10:
+        ci_text += " (few: a rough interval)"
+    print(f"   accuracy {m['accuracy']:.4f} ({ci_text}; over patches {ci_patches[0]:.4f}-{ci_patches[1]:.4f})"
+          f"  balanced {m['balanced_accuracy']:.4f}  AUC {m['auc']:.4f}  colour-only baseline "
           f"{m['colour_baseline_accuracy']:.4f}\n\n{table}")
     return 0
 

@@ -40,13 +40,14 @@ def read_predictions(path: Path) -> dict[str, np.ndarray]:
     return cols
 
 
-def cams_for(model, x: np.ndarray, meta: dict, device, batch_size: int = 64) -> np.ndarray:
-    """Grad-CAM maps float32 (N, 96, 96) for the predicted class, in batches."""
+def cams_for(model, x: np.ndarray, target: np.ndarray, meta: dict, device, batch_size: int = 64) -> np.ndarray:
+    """Grad-CAM maps float32 (N, 96, 96) of uint8 patches x (N, 96, 96, 3) for the classes target (N,)
+    (06's predictions, so that a map explains the class its grid row names, with or without TTA)."""
     mean = torch.as_tensor(meta["mean"], device=device)
     std = torch.as_tensor(meta["std"], device=device)
     layer = gradcam.default_target_layer(model)
     out = [gradcam.grad_cam(model, models.to_input(torch.from_numpy(x[s:s + batch_size]).to(device), mean, std,
-                                                   False), layer)
+                                                   False), layer, target=target[s:s + batch_size])
            for s in range(0, len(x), batch_size)]
     return np.concatenate(out) if out else np.empty((0, *x.shape[1:3]), np.float32)
 
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             if len(pick) == 0:
                 continue
             pick = np.sort(rng.permutation(pick)[:STATS_PER_CELL])
-            cams = cams_for(model, data.read_patches(source_dir, pred["file"][pick], pred["index"][pick]), meta, device)
+            x = data.read_patches(source_dir, pred["file"][pick], pred["index"][pick])
+            cams = cams_for(model, x, pred["pred"][pick], meta, device)
             frac = gradcam.cam_center_fraction(cams, gc["center_px"])
             stats[f"{src}/{cls}"] = {"mean": float(frac.mean()), "std": float(frac.std()), "n": len(pick)}
             for j, pc in enumerate(classes):
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 pick = np.sort(rng.permutation(pick)[: gc["n_per_cell"]])
                 x = data.read_patches(source_dir, pred["file"][pick], pred["index"][pick])
-                overlay = gradcam.overlay(x, cams_for(model, x, meta, device))
+                overlay = gradcam.overlay(x, cams_for(model, x, pred["pred"][pick], meta, device))
                 outcome = "correct" if k == j else "wrong"
                 rows.append((f"{src} · true {cls} → predicted {pc} ({outcome})", np.concatenate([x, overlay])))
         if rows:

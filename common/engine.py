@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from common import data, models
 from common.config import UserError
@@ -35,12 +36,15 @@ def loss_value(criterion: nn.Module, logits: torch.Tensor, labels: torch.Tensor)
     return criterion(logits, labels)
 
 
-def probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """(N, 1) logits -> (N, 2) [1 - p, p]; (N, C) logits -> softmax (N, C)."""
+def log_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """float64 class log-probabilities: (N, 1) logits -> (N, 2) [log(1 - p), log p]; (N, C) -> log-softmax.
+
+    Scores for ranking (AUC, ROC) and argmax: probabilities saturate (float32 sigmoid(17) == 1.0, so a
+    confident wrong prediction would tie with the confident right ones), log-probabilities do not."""
+    logits = logits.double()
     if logits.shape[1] == 1:
-        p = torch.sigmoid(logits[:, 0].float())
-        return torch.stack([1 - p, p], dim=1)
-    return torch.softmax(logits.float(), dim=1)
+        return torch.stack([F.logsigmoid(-logits[:, 0]), F.logsigmoid(logits[:, 0])], dim=1)
+    return torch.log_softmax(logits, dim=1)
 
 
 def predict_logits(model: nn.Module, x: np.ndarray, mean, std, device: torch.device, batch_size: int = 256,

@@ -5,7 +5,8 @@ silhouette, a linear probe for dataset source) and by 06_evaluate (accuracy, bal
 AUC, per-class precision / recall / F1, confusion matrix, ROC curves, percentile-bootstrap CIs).
 
 Inputs:  integer label vectors ``(N,)``, cluster assignments ``(N,)``, feature matrices ``(N, D)``,
-         class-probability matrices ``(N, C)`` (rows = softmax outputs; binary tasks use 2 columns).
+         class-score matrices ``(N, C)`` (probabilities or log-probabilities; binary tasks use 2 columns),
+         optionally the slide / patient of each sample for a bootstrap over groups.
 Outputs: plain dicts of Python floats / lists, ready for ``json.dump``.
 
 Usage::
@@ -189,7 +190,9 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, class_names: l
 
     Args:
         labels: int ``(N,)`` true class indices in ``[0, C)``.
-        probs: float ``(N, C)`` class probabilities; binary tasks pass ``(1 - p, p)``.
+        probs: float ``(N, C)`` class scores: probabilities, binary tasks as ``(1 - p, p)``, or
+            log-probabilities (06 passes these: they do not saturate; only each column's order and
+            each row's argmax matter).
         class_names: ``C`` names, index-aligned with the columns of ``probs``.
 
     Returns:
@@ -230,19 +233,29 @@ def bootstrap_ci(
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    groups: np.ndarray | None = None,
 ) -> dict:
     """Percentile-bootstrap confidence intervals of the main classification metrics.
 
     Resamples are drawn as multiplicity weights (``(B, N)`` counts), so every metric of a chunk of
     resamples is a matrix product or a cumulative sum rather than a Python loop over resamples.
 
+    Patches of one slide or patient are not independent: resampling patches then gives intervals far
+    too narrow when a test split holds few patients (measured: 21 patients x 200 patches, 0.784-0.808
+    by patches vs 0.735-0.853 by patients). With ``groups`` the resampling unit is the group (a cluster
+    bootstrap): each resample draws as many groups as there are, with replacement, and weighs every
+    patch by how often its group was drawn.
+
     Args:
         labels: int ``(N,)`` true class indices in ``[0, C)``.
-        probs: float ``(N, C)`` class probabilities.
+        probs: float ``(N, C)`` class scores: probabilities or log-probabilities (only each column's
+            order and each row's argmax matter).
         class_names: ``C`` class names.
-        n_boot: number of resamples (with replacement, size N).
+        n_boot: number of resamples (with replacement).
         seed: seed of the resampling.
         level: two-sided coverage, e.g. 0.95 for the 2.5th and 97.5th percentiles.
+        groups: optional ``(N,)`` slide / patient of each sample: resample groups instead of samples.
+            With a single group there is nothing to resample and every interval is ``[nan, nan]``.
 
     Returns:
         ``{"accuracy": [lo, hi], "balanced_accuracy": [lo, hi], "auc": [lo, hi],
@@ -254,18 +267,28 @@ def bootstrap_ci(
     if n_boot < 1 or not 0 < level < 1:
         raise MetricsError(f"need n_boot >= 1 and 0 < level < 1, got n_boot={n_boot}, level={level}")
     num_samples, num_classes = probs.shape
+    if groups is None:
+        unit = np.arange(num_samples)
+    else:
+        groups = np.asarray(groups)
+        if groups.shape != (num_samples,):
+            raise MetricsError(f"groups {groups.shape} must be (N,) with N = {num_samples}")
+        unit = np.unique(groups, return_inverse=True)[1]
+    num_units = int(unit.max()) + 1
     eye = np.eye(num_classes)
     true_onehot, pred_onehot = eye[labels], eye[probs.argmax(axis=1)]
     auc_classes = _auc_classes(labels, num_classes)
     rng = np.random.default_rng(seed)
     chunk = max(1, _BOOTSTRAP_CHUNK_CELLS // num_samples)
     parts: dict[str, list[np.ndarray]] = {key: [] for key in ("accuracy", "balanced", "auc", "p", "r", "f1")}
-    for start in range(0, n_boot, chunk):
+    for start in range(0, n_boot if num_units > 1 else 0, chunk):
         size = min(chunk, n_boot - start)
-        draws = rng.integers(0, num_samples, size=(size, num_samples))
-        # Row b of the weights counts how often each sample occurs in resample b.
-        offsets = (draws + num_samples * np.arange(size)[:, None]).ravel()
-        weights = np.bincount(offsets, minlength=size * num_samples).reshape(size, num_samples).astype(float)
+        draws = rng.integers(0, num_units, size=(size, num_units))
+        # Row b counts how often each unit (sample or group) occurs in resample b; a sample's weight
+        # is its unit's count.
+        offsets = (draws + num_units * np.arange(size)[:, None]).ravel()
+        counts = np.bincount(offsets, minlength=size * num_units).reshape(size, num_units).astype(float)
+        weights = counts[:, unit]
         support = weights @ true_onehot
         predicted = weights @ pred_onehot
         hits = weights @ (true_onehot * pred_onehot)
@@ -274,11 +297,12 @@ def bootstrap_ci(
             parts["p"].append(np.where(predicted > 0, hits / predicted, np.nan))
             parts["f1"].append(np.where(support + predicted > 0, 2 * hits / (support + predicted), np.nan))
         parts["r"].append(recall)
-        parts["accuracy"].append(hits.sum(axis=1) / num_samples)
+        parts["accuracy"].append(hits.sum(axis=1) / weights.sum(axis=1))
         # As scikit-learn: average recall over the classes present in this resample.
         parts["balanced"].append(np.nanmean(recall, axis=1))
         parts["auc"].append(_auc(labels, probs, weights, auc_classes))
-    values = {key: np.concatenate(chunks) for key, chunks in parts.items()}
+    values = {key: np.concatenate(chunks) if chunks else np.full((1, num_classes), np.nan)
+              for key, chunks in parts.items()}
     tail_pct = 50.0 * (1.0 - level)
 
     def interval(samples: np.ndarray) -> list[float]:
@@ -307,7 +331,7 @@ def roc_points(labels: np.ndarray, probs: np.ndarray, class_names: list[str] | N
 
     Args:
         labels: int ``(N,)`` true class indices in ``[0, C)``.
-        probs: float ``(N, C)`` class probabilities.
+        probs: float ``(N, C)`` class scores (probabilities or log-probabilities).
         class_names: optional ``C`` names used as the keys (default: the class indices).
 
     Returns:

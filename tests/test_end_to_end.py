@@ -76,15 +76,20 @@ def test_all_seven_steps(tiny_config: Path):
         table = np.loadtxt(folder / "predictions.csv", delimiter=",", dtype=str)
         header, body = list(table[0]), table[1:]
         probs = body[:, [header.index(c) for c in header if c.startswith("p_")]].astype(float)
-        assert probs.shape[1] == n_classes
+        log_probs = body[:, [header.index(c) for c in header if c.startswith("logp_")]].astype(float)
+        assert probs.shape[1] == log_probs.shape[1] == n_classes
+        np.testing.assert_allclose(probs, np.exp(log_probs), atol=1e-8)
         labels = body[:, header.index("label")].astype(int)
-        pred = probs.argmax(1)
+        pred = log_probs.argmax(1)
         assert (pred == body[:, header.index("pred")].astype(int)).all()
         assert m["accuracy"] == pytest.approx(accuracy_score(labels, pred), abs=1e-6)
         assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, pred), abs=1e-6)
-        auc = (roc_auc_score(labels, probs[:, 1]) if n_classes == 2
-               else roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
-        assert m["auc"] == pytest.approx(auc, abs=1e-6)
+        auc = (roc_auc_score(labels, log_probs[:, 1]) if n_classes == 2  # macro one-vs-rest for 3 classes
+               else np.mean([roc_auc_score(labels == k, log_probs[:, k]) for k in range(n_classes)]))
+        assert m["auc"] == pytest.approx(auc, abs=1e-9)
+        groups = np.char.add(np.char.add(body[:, header.index("source")], "/"), body[:, header.index("group")])
+        assert m["ci95_groups"] == len(np.unique(groups))
+        assert m["ci95_patches"]["accuracy"][0] <= m["accuracy"] <= m["ci95_patches"]["accuracy"][1]
         p, r, f1, _ = precision_recall_fscore_support(labels, pred, labels=range(n_classes), zero_division=0)
         for k, name in enumerate(m["class_names"]):
             assert m["per_class"][name]["precision"] == pytest.approx(p[k], abs=1e-6)

@@ -259,3 +259,41 @@ def test_roc_points_binary_and_multiclass():
     named = roc_points(MULTI_LABELS, MULTI_PROBS, ["negative", "breast", "lymphoma"])
     assert list(named) == ["negative", "breast", "lymphoma"] and named["lymphoma"]["auc"] == pytest.approx(0.875)
     assert list(roc_points(BINARY_LABELS, probs, ["negative", "positive"])) == ["positive"]
+
+
+def _patients(rng: np.random.Generator, num_groups: int, per_group: int):
+    """Predictions whose accuracy differs by patient (0.6-1.0): patches of one patient are correlated."""
+    group = np.repeat(np.arange(num_groups), per_group)
+    labels = rng.integers(0, 2, group.size)
+    right = rng.random(group.size) < rng.uniform(0.6, 1.0, num_groups)[group]
+    p1 = np.where(right == (labels == 1), 0.8, 0.2) + rng.uniform(-0.1, 0.1, group.size)
+    return labels, np.stack([1 - p1, p1], axis=1), group
+
+
+def test_group_bootstrap_resamples_patients_like_a_naive_loop():
+    labels, probs, group = _patients(np.random.default_rng(8), 21, 60)
+    names = ["negative", "positive"]
+    ci = bootstrap_ci(labels, probs, names, n_boot=2000, seed=2, groups=np.char.add("patient_", group.astype(str)))
+    # Independent reference: draw 21 patients with replacement, pool their patches, score.
+    rng = np.random.default_rng(99)
+    correct = probs.argmax(axis=1) == labels
+    per_group_hits = np.bincount(group, weights=correct)
+    per_group_n = np.bincount(group)
+    draws = rng.integers(0, 21, size=(2000, 21))
+    naive = per_group_hits[draws].sum(axis=1) / per_group_n[draws].sum(axis=1)
+    np.testing.assert_allclose(ci["accuracy"], np.percentile(naive, [2.5, 97.5]), atol=0.01)
+    by_patch = bootstrap_ci(labels, probs, names, n_boot=2000, seed=2)
+    # Patch resampling ignores the patients: its interval is several times too narrow here.
+    assert (ci["accuracy"][1] - ci["accuracy"][0]) > 2.5 * (by_patch["accuracy"][1] - by_patch["accuracy"][0])
+
+
+def test_group_bootstrap_edge_cases():
+    labels, probs, group = _patients(np.random.default_rng(9), 5, 20)
+    names = ["negative", "positive"]
+    # One group per sample is the patch bootstrap, draw for draw.
+    assert bootstrap_ci(labels, probs, names, n_boot=200, seed=4, groups=np.arange(100)) == \
+        bootstrap_ci(labels, probs, names, n_boot=200, seed=4)
+    single = bootstrap_ci(labels, probs, names, n_boot=200, seed=4, groups=np.zeros(100, int))
+    assert np.isnan(single["accuracy"]).all() and np.isnan(single["per_class"]["positive"]["f1"]).all()
+    with pytest.raises(MetricsError, match="groups"):
+        bootstrap_ci(labels, probs, names, groups=np.zeros(7))

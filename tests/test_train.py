@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -48,15 +49,43 @@ def test_resume_gives_the_same_weights(run_config: Path):
             "config"} <= set(full)
 
 
+def test_resume_of_an_early_stopped_run_trains_no_more(run_config: Path):
+    train = load_script("05_train")
+    cfg = ["--config", str(run_config), "--set", "train.experiment=stopped"]
+    assert train.main([*cfg, "--set", "train.epochs=1"]) == 0
+    last = run_config.parent / "runs" / "t" / "05_train" / "stopped" / "last.pt"
+    state = engine.load_checkpoint(last)
+    engine.save_checkpoint(last, state | {"bad_epochs": 20})  # as if patience ran out after epoch 1
+    assert train.main([*cfg, "--set", "train.epochs=3", "--set", "train.early_stopping_patience=20",
+                       "--set", "train.resume=auto"]) == 0
+    resumed = engine.load_checkpoint(last)
+    assert resumed["epoch"] == 1
+    for key, value in state["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+
+
+@pytest.mark.parametrize("n,world", [(257, 2), (16385, 4), (48, 2), (7, 3), (5, 1)])
+def test_epoch_shards_are_equal_and_disjoint(n: int, world: int):
+    train = load_script("05_train")
+    shards = [train.epoch_order(n, torch.Generator().manual_seed(3), rank, world) for rank in range(world)]
+    assert {len(shard) for shard in shards} == {n // world}  # equal: no rank runs an extra batch
+    union = np.concatenate(shards)
+    assert len(np.unique(union)) == len(union) and union.min() >= 0 and union.max() < n
+    if world == 1:  # a single process sees the whole permutation (exact resume relies on it)
+        np.testing.assert_array_equal(shards[0], torch.randperm(n, generator=torch.Generator().manual_seed(3)))
+
+
 def test_ddp_two_cpu_processes(run_config: Path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # 33 training patches: unequal shards (17 / 16) would give rank 0 a second batch of 16 and hang DDP.
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-         "05_train.py", "--config", str(run_config), "--set", "train.experiment=ddp", "--set", "train.epochs=1"],
+         "05_train.py", "--config", str(run_config), "--set", "train.experiment=ddp", "--set", "train.epochs=2",
+         "--set", "train.max_train_patches=33"],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     folder = run_config.parent / "runs" / "t" / "05_train" / "ddp"
-    log = (folder / "log.jsonl").read_text().splitlines()
-    assert len(log) == 1  # only rank 0 writes
+    log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in log] == [1, 2]  # only rank 0 writes
     state = engine.load_checkpoint(folder / "last.pt")
     assert not any(k.startswith("module.") for k in state["model"])  # the unwrapped model is saved
