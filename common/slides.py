@@ -363,6 +363,34 @@ def _tissue_fraction(thumbnail: np.ndarray, scale: float, coords: np.ndarray,
     return tissue / ((x1 - x0) * (y1 - y0))
 
 
+def _tissue_components(thumbnail: np.ndarray, scale: float, points: np.ndarray, patch_level0_px: float) -> np.ndarray:
+    """Connected tissue piece (a TMA core) under each level-0 patch centre (K, 2): int (K,), 0 = none.
+
+    Tissue is the thumbnail's saturation test, closed (5 x 5) so that a core's pale gaps do not split it
+    and dilated by half a patch so that the centre of a patch on a core's rim falls inside the core.
+    Cores closer than that merge into one piece, which only makes groups coarser (never a leak)."""
+    hsv = cv2.cvtColor(thumbnail.astype(np.float32) / 255, cv2.COLOR_RGB2HSV)
+    mask = (hsv[..., 1] > TISSUE_MIN_SATURATION).astype(np.uint8)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
+    reach = 2 * int(np.ceil(patch_level0_px * scale / 2)) + 1
+    mask = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (reach, reach)))
+    _, labels = cv2.connectedComponents(mask, connectivity=8)
+    x = np.clip((points[:, 0] * scale).astype(np.int64), 0, labels.shape[1] - 1)
+    y = np.clip((points[:, 1] * scale).astype(np.int64), 0, labels.shape[0] - 1)
+    return labels[y, x]
+
+
+def _nearest_roi_per_component(distance: np.ndarray, component: np.ndarray) -> np.ndarray:
+    """ROI index (K,) for each negative patch: the ROI nearest to any patch of its tissue piece.
+
+    distance: (K, R) patch-to-ROI distances; component: (K,) tissue piece, 0 = none (then the patch's own
+    nearest ROI). One group per piece keeps a core's patches in one split: with nearest-ROI-per-patch a
+    core lying between two patients' ROIs was split between them and could leak across train and test."""
+    per_component = np.full((int(component.max(initial=0)) + 1, distance.shape[1]), np.inf)
+    np.minimum.at(per_component, component, distance)
+    return np.where(component > 0, per_component[component].argmin(axis=1), distance.argmin(axis=1))
+
+
 def _box_distance(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """Euclidean distance (K, R) from points (K, 2) to boxes (R, 4); 0 inside a box."""
     dx = np.maximum(np.maximum(boxes[None, :, 0] - points[:, None, 0], 0), points[:, None, 0] - boxes[None, :, 2])
@@ -491,7 +519,8 @@ def tile_slide(path, rois, roi_ids: list[str], groups: list[str], *, target_mpp:
                             "detail": f"all {tried_per_roi[index]} patches failed the quality filter"})
         if well_formed.any():
             centres = neg_coords + patch_level0_px / 2
-            nearest = np.argmin(_box_distance(centres, rois[well_formed].astype(np.float64)), axis=1)
+            core = _tissue_components(thumbnail, thumbnail_scale, centres, patch_level0_px)
+            nearest = _nearest_roi_per_component(_box_distance(centres, rois[well_formed].astype(np.float64)), core)
             neg_groups = group_array[well_formed][nearest]
         else:
             neg_groups = np.full(len(neg_coords), name)
