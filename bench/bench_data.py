@@ -10,6 +10,9 @@
 - input_pipeline: 05's batches (uint8 array in memory, sorted index per batch, ``to_input``,
   ``augment`` flips + 90-degree turns) vs torchvision ``ImageFolder`` over JPEG files + PIL transforms
   (flips, ``ToTensor``, ``Normalize``) + ``DataLoader(num_workers=2, persistent_workers=True)``.
+- patch_reads: ``common.data.read_patches`` (one ``read_direct`` per run of consecutive rows) vs h5py
+  fancy indexing ``x[sorted_rows]`` on the same scattered 2 % of a patch-set file (as 04 samples
+  negatives and 06 its colour baseline from PCam train).
 
 Inputs: ``bench_timing.Settings``. Outputs: ``bench_timing.Result`` in patches/s or images/s.
 """
@@ -21,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 import cv2
+import h5py
 import numpy as np
 import openslide
 import torch
@@ -178,3 +182,28 @@ def bench_input_pipeline(settings: Settings) -> Result:
                   note=f"one epoch of {len(patches)} real H&E patches, batch {BATCH_SIZE}, CPU; baseline decodes "
                        f"JPEG (q 95) files each epoch with 2 worker processes and does flips only (no 90-degree "
                        f"turns), ours holds the set in memory as 05 does")
+
+
+def bench_patch_reads(settings: Settings) -> Result:
+    """Scattered rows of an HDF5 patch set: read_patches vs h5py fancy indexing, same rows."""
+    n_rows = 2048 if settings.quick else 16384
+    rng = np.random.default_rng(0)
+    rows = np.sort(rng.choice(n_rows, n_rows // 50, replace=False))  # 2 %, like 5,000 of PCam's 262k
+    with tempfile.TemporaryDirectory() as tmp:
+        with h5py.File(Path(tmp) / "set.h5", "w") as f:  # the patch-set layout: 64-patch chunks
+            f.create_dataset("x", data=np.resize(real_patches(512), (n_rows, 96, 96, 3)), chunks=(64, 96, 96, 3))
+        names = np.full(len(rows), "set")
+
+        def ours() -> np.ndarray:
+            return data.read_patches(Path(tmp), names, rows)
+
+        def baseline() -> np.ndarray:
+            with h5py.File(Path(tmp) / "set.h5", "r") as f:
+                return f["x"][rows]
+
+        if not np.array_equal(ours(), baseline()):
+            raise AssertionError("read_patches differs from h5py indexing")
+        ours_rate, baseline_rate = compare(ours, len(rows), baseline, len(rows), settings)
+    return Result(ours_rate, baseline_rate, "patches/s", None,
+                  note=f"{len(rows)} sorted scattered rows (2 %) of a {n_rows}-patch set with 64-patch chunks; "
+                       f"identical output")

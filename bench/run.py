@@ -10,6 +10,7 @@ Benchmarks (name: ours vs baseline, unit):
     filter          01's filter_patches vs a per-patch OpenCV loop                  patches/s
     tiling          02's tile_slide vs per-patch read_region on a generated slide    patches/s
     input_pipeline  05's in-memory batches vs ImageFolder JPEGs + PIL + DataLoader  images/s
+    patch_reads     data.read_patches vs h5py fancy indexing, 2 % scattered rows    patches/s
     train_step      05's train_one_epoch vs a plain fp32 loop (ResNet-18, 96 px)     images/s
     gradcam         common.gradcam vs pytorch-grad-cam 1.5.7 (ResNet-18)            images/s
 
@@ -43,6 +44,7 @@ BENCHMARKS = {
     "filter": ("bench_data", "bench_filter"),
     "tiling": ("bench_data", "bench_tiling"),
     "input_pipeline": ("bench_data", "bench_input_pipeline"),
+    "patch_reads": ("bench_data", "bench_patch_reads"),
     "train_step": ("bench_model", "bench_train_step"),
     "channels_last": ("bench_model", "bench_channels_last"),
     "gradcam": ("bench_model", "bench_gradcam"),

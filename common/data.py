@@ -20,6 +20,7 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import h5py
 import numpy as np
 import torch
@@ -175,7 +176,8 @@ def load_split(cols: dict[str, np.ndarray], split: str, folder: Path, limit: int
 
 def read_patches(folder: Path, file: np.ndarray, index: np.ndarray) -> np.ndarray:
     """uint8 (N, H, W, 3) patches given, per patch, the stem of its patch-set file in `folder` and its
-    row in that file; one sorted read per file, in the order given."""
+    row in that file; rows are read in file order, in runs of consecutive rows, into the result in the
+    order given. A whole file in order (05 on PCam train) is one read straight into the result."""
     x = None
     for stem in np.unique(file):
         at = np.flatnonzero(file == stem)
@@ -183,31 +185,49 @@ def read_patches(folder: Path, file: np.ndarray, index: np.ndarray) -> np.ndarra
         with h5py.File(folder / f"{stem}.h5", "r") as f:
             if x is None:
                 x = np.empty((len(index), *f["x"].shape[1:]), np.uint8)
-            x[at] = _read_rows(f["x"], index[at])
+            rows = index[at]
+            in_place = bool((np.diff(at) == 1).all() and (np.diff(rows) > 0).all())
+            if in_place:  # consecutive output slots, distinct rows: no buffer, no copy
+                _read_rows_into(f["x"], rows, x[at[0]:at[-1] + 1])
+            else:
+                unique, inverse = np.unique(rows, return_inverse=True)
+                buffer = np.empty((len(unique), *x.shape[1:]), np.uint8)
+                _read_rows_into(f["x"], unique, buffer)
+                x[at] = buffer[inverse]
     return x
 
 
-def _read_rows(dataset: h5py.Dataset, sorted_index: np.ndarray) -> np.ndarray:
-    """Rows of an HDF5 dataset at sorted (possibly repeated) indices, via one contiguous block read
-    when the rows are dense and h5py fancy indexing on the unique rows otherwise."""
-    unique, inverse = np.unique(sorted_index, return_inverse=True)
-    lo, hi = int(unique[0]), int(unique[-1]) + 1
-    if len(unique) > 0.25 * (hi - lo):
-        return dataset[lo:hi][unique - lo][inverse]
-    return dataset[unique][inverse]
+def _read_rows_into(dataset: h5py.Dataset, rows: np.ndarray, out: np.ndarray) -> None:
+    """Fill C-contiguous out (len(rows), ...) with the dataset's rows at strictly increasing `rows`.
+
+    One read per run of consecutive rows, straight into `out`: h5py's fancy indexing costs ~6 ms a
+    row whatever the spacing (measured: 4,000 scattered rows 25 s, vs 0.3 s this way), and reading a
+    dense range whole would hold a second copy of it."""
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts, ends = np.r_[0, breaks], np.r_[breaks, len(rows)]
+    for start, end in zip(starts.tolist(), ends.tolist(), strict=True):  # one HDF5 read per run
+        row = int(rows[start])
+        dataset.read_direct(out, np.s_[row:row + end - start], np.s_[start:end])
 
 
-def mean_std(x: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std of uint8 (N, H, W, 3) images on the 0-1 scale (float64 sums)."""
-    total = np.zeros(3)
-    total_sq = np.zeros(3)
-    for start in range(0, len(x), chunk):
-        block = x[start:start + chunk].reshape(-1, 3).astype(np.float64)
-        total += block.sum(0)
-        total_sq += (block**2).sum(0)
-    n = x.shape[0] * x.shape[1] * x.shape[2]
-    mean = total / n
-    std = np.sqrt(np.maximum(total_sq / n - mean**2, 1e-12))
+def mean_std(x: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of uint8 (N, H, W, 3) images on the 0-1 scale.
+
+    From per-channel 256-level histograms (OpenCV, chunks of `chunk` images): exact, no float copy of
+    the data (float64 squares of PCam train needed ~3.5 GB of scratch and ~160 s). OpenCV counts in
+    float32, exact below 2**24 per bin, so a chunk holds at most 2**24 pixels."""
+    pixels_per_image = x.shape[1] * x.shape[2]
+    chunk = max(1, min(chunk, (1 << 24) // pixels_per_image))
+    counts = np.zeros((3, 256), np.int64)
+    for start in range(0, len(x), chunk):  # bounded memory: one chunk's histogram at a time
+        block = np.ascontiguousarray(x[start:start + chunk]).reshape(-1, 1, 3)
+        for c in range(3):
+            counts[c] += cv2.calcHist([block], [c], None, [256], [0, 256]).reshape(256).astype(np.int64)
+    levels = np.arange(256, dtype=np.float64)
+    n = counts.sum(axis=1)
+    mean = counts @ levels / n
+    var = counts @ levels**2 / n - mean**2
+    std = np.sqrt(np.maximum(var, 1e-12))
     return (mean / 255).astype(np.float32), (std / 255).astype(np.float32)
 
 

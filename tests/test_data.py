@@ -78,9 +78,29 @@ def test_split_round_trip_and_loading(tmp_path):
 
 def test_mean_std_matches_numpy():
     x = np.random.default_rng(0).integers(0, 256, (50, 8, 8, 3), dtype=np.uint8)
-    mean, std = data.mean_std(x, chunk=7)
-    np.testing.assert_allclose(mean, x.reshape(-1, 3).mean(0) / 255, rtol=1e-5)
-    np.testing.assert_allclose(std, x.reshape(-1, 3).std(0) / 255, rtol=1e-5)
+    x[..., 2] //= 3  # channels with different statistics
+    for chunk in (7, 1024):
+        mean, std = data.mean_std(x, chunk=chunk)
+        np.testing.assert_allclose(mean, x.reshape(-1, 3).mean(0) / 255, rtol=1e-6)
+        np.testing.assert_allclose(std, x.reshape(-1, 3).astype(np.float64).std(0) / 255, rtol=1e-6)
+
+
+def test_read_patches_in_any_order_with_repeats_equals_direct_indexing(tmp_path):
+    import h5py
+    rng = np.random.default_rng(4)
+    arrays = {stem: rng.integers(0, 256, (300, 4, 4, 3), dtype=np.uint8) for stem in ("pcam_train", "dlbcl")}
+    for stem, x in arrays.items():
+        with h5py.File(tmp_path / f"{stem}.h5", "w") as f:
+            f.create_dataset("x", data=x, chunks=(64, 4, 4, 3))
+    file = rng.choice(list(arrays), 500)
+    index = rng.integers(0, 300, 500)
+    index[:50] = np.arange(100, 150)  # a run of consecutive rows
+    got = data.read_patches(tmp_path, file, index)
+    np.testing.assert_array_equal(got, np.stack([arrays[f][i] for f, i in zip(file, index, strict=True)]))
+    whole = data.read_patches(tmp_path, np.full(300, "dlbcl"), np.arange(300))  # one read in place
+    np.testing.assert_array_equal(whole, arrays["dlbcl"])
+    tail = data.read_patches(tmp_path, np.full(3, "dlbcl"), np.array([299, 5, 299]))
+    np.testing.assert_array_equal(tail, arrays["dlbcl"][[299, 5, 299]])
 
 
 def test_augment_applies_a_dihedral_transform_per_image():
