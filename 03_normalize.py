@@ -73,41 +73,47 @@ def main(argv: list[str] | None = None) -> int:
     inputs = {f"pcam_{s}": pcam_dir / f"{s}.h5" for s in ("train", "valid", "test")}
     inputs["dlbcl"] = require_step(cfg, "02_tile_dlbcl", outputs=["dlbcl.h5"]) / "dlbcl.h5"
     out = begin_step(cfg, STEP)
-    sets = {name: read_patch_set(path) for name, path in inputs.items()}
-    if len(sets["pcam_train"]) == 0:
-        raise UserError(f"{inputs['pcam_train']} holds no patches")
-    reference, ref_from = load_reference(cfg, sets["pcam_train"])
-    plots.contact_sheet(out / "reference.png", reference if reference.ndim == 4 else reference[None], ncols=8)
-    print(f"   reference {ref_from}; fit scope {nc['fit_scope']}; methods {', '.join(nc['methods'])}")
-
     rng = np.random.default_rng(cfg["run"]["seed"])
     shown = {"pcam_train": "pcam", "dlbcl": "dlbcl"}  # file -> source, for the before/after figure
-    show = {f: np.sort(rng.choice(len(sets[f]), min(8, len(sets[f])), replace=False)) for f in shown}
-    samples, counts = {}, {}
-    for method in nc["methods"]:
-        folder = out / method
-        extra = {"keep_residual": nc["keep_residual"]} if method in ("macenko", "vahadane") else {}
-        normalizer = stain.make_normalizer(method, fit_scope=nc["fit_scope"], **extra).fit(reference)
-        folder.mkdir(exist_ok=True)
-        write_json(folder / "normalizer.json", {"reference": ref_from, "state": normalizer.to_json()})
-        counts[method] = {}
-        for name, ps in tqdm(sets.items(), desc=f"normalise {method}", unit="set"):
+    samples, counts, normalizers = {}, {method: {} for method in nc["methods"]}, {}
+    # One patch set in memory at a time (PCam train: 7.3 GB) with one normalised copy beside it;
+    # pcam_train comes first and gives the auto reference.
+    for name, path in inputs.items():
+        ps = read_patch_set(path)
+        if name == "pcam_train":
+            if len(ps) == 0:
+                raise UserError(f"{path} holds no patches")
+            reference, ref_from = load_reference(cfg, ps)
+            plots.contact_sheet(out / "reference.png", reference if reference.ndim == 4 else reference[None], ncols=8)
+            print(f"   reference {ref_from}; fit scope {nc['fit_scope']}; methods {', '.join(nc['methods'])}")
+            for method in nc["methods"]:
+                extra = {"keep_residual": nc["keep_residual"]} if method in ("macenko", "vahadane") else {}
+                normalizers[method] = stain.make_normalizer(method, fit_scope=nc["fit_scope"], **extra).fit(reference)
+                (out / method).mkdir(exist_ok=True)
+                write_json(out / method / "normalizer.json",
+                           {"reference": ref_from, "state": normalizers[method].to_json()})
+        show = np.sort(rng.choice(len(ps), min(8, len(ps)), replace=False)) if name in shown else None
+        for method, normalizer in tqdm(normalizers.items(), desc=f"normalise {name}", unit="method"):
             t0 = time.time()
-            x = normalizer.transform(ps.x, groups=ps.group, device=str(device)) if len(ps) else ps.x
+            busy = method != "none" and len(ps) > 0
+            x = normalizer.transform(ps.x, groups=ps.group, device=str(device)) if busy else ps.x
             if x.shape != ps.x.shape or x.dtype != np.uint8:
                 raise RuntimeError(f"{method} returned {x.dtype} {x.shape} for {ps.x.shape}")
             attrs = {**ps.attrs, "provenance": provenance(cfg, STEP)}
-            write_patch_set(folder / f"{name}.h5", PatchSet(x, ps.y, ps.group, ps.coords, attrs))
+            write_patch_set(out / method / f"{name}.h5", PatchSet(x, ps.y, ps.group, ps.coords, attrs))
             seconds = time.time() - t0
-            counts[method][name] = {"n": len(ps), "unchanged": int(normalizer.n_unchanged if len(ps) else 0),
+            counts[method][name] = {"n": len(ps), "unchanged": int(normalizer.n_unchanged) if busy else 0,
                                     "patches_per_s": round(len(ps) / max(seconds, 1e-9), 1)}
-            if name in shown:
-                samples[shown[name], method] = x[show[name]]
+            if show is not None:
+                samples[shown[name], method] = x[show]
+            del x
+        del ps
+    for method in nc["methods"]:
         done = ", ".join(f"{k} {v['n']} ({v['unchanged']} unchanged)" for k, v in counts[method].items())
         print(f"   {method}: {done}")
     rows = [(f"{src} · {method}", samples[src, method]) for src in ("pcam", "dlbcl") for method in nc["methods"]]
     plots.labelled_rows(out / "before_after.png", rows)
-    files = [*(f"{name}.h5" for name in sets), "normalizer.json"]
+    files = [*(f"{name}.h5" for name in inputs), "normalizer.json"]
     outputs = [f"{method}/{file}" for method in nc["methods"] for file in files]
     write_summary(out, STEP, cfg, started, reference=ref_from, methods=counts, outputs=outputs)
     print(f"   wrote {out} (figure: {out / 'before_after.png'})")

@@ -12,7 +12,8 @@ Writes (runs/<run>/04_cluster/):
     assignments.csv   features,method,index,source,cluster — every metric recomputes from it
     table.md          the thesis's layout, its numbers beside ours
     scatter_<features>_<method>.png   PCA scatter by source and by cluster, density per source
-    features/<features>_<method>.npy  cached features
+    features/resnet18_<method>.npy    the ResNet-18 features, saved for your own analyses (04 does
+                                      not read them back; pixel features are not saved)
     summary.json
 
 Usage:

@@ -178,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- the split: made once, reused on resume and by 06 and 07
     folder.mkdir(parents=True, exist_ok=True)
-    if checkpoint is None and rank == 0:
+    if rank == 0:  # until this run ends, 06 and 07 must not take the experiment for finished
+        (folder / "summary.json").unlink(missing_ok=True)
+    if checkpoint is None and rank == 0:  # a fresh start: no checkpoint of an earlier run may survive
+        for name in ("last.pt", "best_acc.pt", "best_loss.pt"):
+            (folder / name).unlink(missing_ok=True)
         cols = data.make_split(tc["task"], source, tc["split"], tc["split_fractions"], tc["mixed_size"], seed)
         data.write_split(folder / "split.csv", cols)
     if world > 1:
@@ -191,11 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     counts = {s: np.bincount(cols["label"][cols["split"] == s], minlength=len(class_names)).tolist()
               for s in data.SPLITS}
     meta = {"task": tc["task"], "class_names": class_names, "model": tc["model"], "method": tc["method"],
-            "mean": mean.tolist(), "std": std.tolist(), "split": tc["split"], "counts_per_split": counts}
+            "mean": mean.tolist(), "std": std.tolist(), "counts_per_split": counts,
+            "split": "official" if tc["task"] == "pcam" else tc["split"]}  # PCam keeps its official splits
     if rank == 0:
         with atomic_path(folder / "experiment.json") as tmp:
             tmp.write_text(json.dumps(meta, indent=2))
-        print(f"   experiment {folder.name}: {tc['task']} on {tc['method']}, classes {class_names}")
+        print(f"   experiment {folder.name}: {tc['task']} on {tc['method']}, classes {class_names}, "
+              f"{meta['split']} split")
+        if tc["task"] == "pcam" and tc["split"] == "random":
+            print("   note: train.split=random applies to dlbcl and mixed; pcam keeps its official splits")
         print(f"   patches per split and class: {counts}; training on {len(train)}")
 
     net = model

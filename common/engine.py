@@ -96,6 +96,9 @@ def load_experiment(cfg: dict, checkpoint: str) -> tuple[nn.Module, dict, dict]:
     if not meta_path.is_file():
         raise UserError(f"{meta_path} is missing: run `python 05_train.py` for experiment "
                         f"{experiment_name(cfg)!r} first")
+    if not (folder / "summary.json").is_file():  # 05 removes it when it starts and writes it when done
+        raise UserError(f"training of experiment {experiment_name(cfg)!r} has not finished ({folder / 'summary.json'} "
+                        f"is missing): run `python 05_train.py` (or resume it with --set train.resume=auto)")
     meta = json.loads(meta_path.read_text())
     state = load_checkpoint(folder / f"{checkpoint}.pt")
     model = models.build_model(meta["model"], num_outputs(meta["task"]), "none")

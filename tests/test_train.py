@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from common import engine
+from common.config import UserError, load_config
 from tests.conftest import ROOT, load_script
 from tests.test_data import write_sources
 
@@ -89,3 +90,21 @@ def test_ddp_two_cpu_processes(run_config: Path):
     assert [record["epoch"] for record in log] == [1, 2]  # only rank 0 writes
     state = engine.load_checkpoint(folder / "last.pt")
     assert not any(k.startswith("module.") for k in state["model"])  # the unwrapped model is saved
+
+
+def test_an_interrupted_fresh_start_leaves_nothing_that_looks_trained(run_config: Path, monkeypatch):
+    train = load_script("05_train")
+    cfg_args = ["--config", str(run_config), "--set", "train.experiment=redo", "--set", "train.epochs=1"]
+    assert train.main(cfg_args) == 0
+    folder = run_config.parent / "runs" / "t" / "05_train" / "redo"
+    assert {"summary.json", "best_acc.pt", "last.pt"} <= {p.name for p in folder.iterdir()}
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train_one_epoch", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(cfg_args)  # a new split is written, then the run dies in epoch 1
+    assert not {"summary.json", "best_acc.pt", "best_loss.pt", "last.pt"} & {p.name for p in folder.iterdir()}
+    with pytest.raises(UserError, match="has not finished"):
+        engine.load_experiment(load_config(run_config, ["train.experiment=redo"]), "best_acc")
