@@ -4,9 +4,11 @@ Reads (data.pcam_dir), the official release as downloaded:
     camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5  (or .h5.gz, decompressed once beside it)
     camelyonpatch_level_2_split_{split}_meta.csv             (optional: `wsi` becomes each patch's group)
 Writes (runs/<run>/01_filter_pcam/):
-    {train,valid,test}.h5      patch sets of the kept patches
+    {train,valid,test}.h5      patch sets of the kept patches: always all three splits, which 03 reads
+                               from this step's last run
     rejected_<split>.png       contact sheet of rejected examples
-    grid_search.json, grid_kept.png, grid_rejected.png   (filter_pcam.grid_search: true)
+    grid_search.json, grid_kept.png, grid_rejected.png   (filter_pcam.grid_search: true; scored on a
+                               sample of filter_pcam.grid_search_samples train patches)
     summary.json               kept / rejected counts per split, label and reason; `outputs` lists the
                                patch sets this run wrote (none when it failed: a split kept no patch)
 
@@ -31,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common import cli, filters, plots
-from common.config import UserError
+from common.config import SPLITS, UserError
 from common.patchset import PatchSetWriter, begin_step, provenance, write_json, write_summary
 
 STEP = "01_filter_pcam"
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"   input {pcam_dir}\n   thresholds {thresholds}")
 
     per_split, total_kept, grid = {}, 0, None
-    for split in fc["splits"]:
+    for split in SPLITS:
         fx, fy = open_split(pcam_dir, split, fc["verify_md5"])
         with fx, fy:
             n = len(fy["y"]) if fc["max_patches_per_split"] is None else min(len(fy["y"]), fc["max_patches_per_split"])
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 fc["chunk_size"], f"filter {split}")
                 kept = writer.n
             plots.contact_sheet(out / f"rejected_{split}.png", rejected)
-            if fc["grid_search"] and grid is None:
+            if fc["grid_search"] and split == "train":
                 grid = grid_search(cfg, fx, fy, split, out, thresholds)
         per_split[split] = {"n_in": n, "kept": kept, "rejected": n - kept, "by_label": counts}
         total_kept += kept

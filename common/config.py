@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ class Field:
     """One config value: its kind and constraints.
 
     kind: "str", "int", "float", "bool", "path", "choice", "range" (a [lo, hi] pair of floats or
-    nulls), or "list" (of `item`).
+    nulls), or "list" (of `item`, at least `min_items` of them).
     """
 
     kind: str
@@ -46,6 +47,8 @@ class Field:
     keywords: tuple = ()  # for "path": words accepted as they are instead of a path (e.g. "none")
     pattern: str | None = None
     hint: str | None = None  # what is allowed, in words, where the pattern says it badly
+    min_items: int = 0  # for "list": the fewest items that make sense (1: an empty list is an error)
+    placeholders: tuple | None = None  # for "str": the only {name} fields it may hold (filled in by str.format)
 
     def describe(self) -> str:
         if self.hint:
@@ -53,7 +56,9 @@ class Field:
         elif self.kind == "choice":
             text = "one of " + ", ".join(map(str, self.choices))
         elif self.kind == "list":
-            text = f"a list of {self.item.describe()}"
+            text = f"a {'non-empty ' if self.min_items == 1 else ''}list of {self.item.describe()}"
+            if self.min_items > 1:
+                text += f" (at least {self.min_items})"
         elif self.kind == "range":
             text = "a [low, high] pair of numbers (null for no limit)"
         elif self.kind == "path" and self.keywords:
@@ -97,8 +102,7 @@ SCHEMA: dict[str, Any] = {
         "dlbcl_slides": _f("int", minimum=1),
         "dlbcl_cores_per_slide": _f("int", minimum=1),
     },
-    "filter_pcam": {
-        "splits": _f("list", item=_f("choice", choices=SPLITS)),
+    "filter_pcam": {  # no `splits`: 03 needs all three, from 01's last run
         "hue_range": _f("range", nullable=True, **UNIT),
         "saturation_range": _f("range", nullable=True, **UNIT),
         "value_range": _f("range", nullable=True, **UNIT),
@@ -123,14 +127,14 @@ SCHEMA: dict[str, Any] = {
         "workers": _f("int", minimum=1),
     },
     "normalize": {
-        "methods": _f("list", item=_f("choice", choices=METHODS)),
+        "methods": _f("list", item=_f("choice", choices=METHODS), min_items=1),
         "fit_scope": _f("choice", choices=("patch", "group")),
         "reference": _f("path", keywords=("auto",)),
         "keep_residual": _f("bool"),
     },
     "cluster": {
         "n_per_source": _f("int", minimum=10),
-        "features": _f("list", item=_f("choice", choices=("pixels", "resnet18"))),
+        "features": _f("list", item=_f("choice", choices=("pixels", "resnet18")), min_items=1),
         "weights": _f("path", keywords=("none", "imagenet")),
         "pca_components": _f("int", minimum=1),
         "n_init": _f("int", minimum=1),
@@ -138,7 +142,7 @@ SCHEMA: dict[str, Any] = {
     },
     "train": {
         "task": _f("choice", choices=("pcam", "dlbcl", "mixed")),
-        "experiment": _f("str", pattern=r"^[A-Za-z0-9_.{}-]+$",
+        "experiment": _f("str", pattern=r"^[A-Za-z0-9_.{}-]+$", placeholders=("task", "model"),
                          hint="a folder name; {task} and {model} are filled in"),
         "method": _f("choice", choices=METHODS),
         "model": _f("str"),
@@ -164,7 +168,7 @@ SCHEMA: dict[str, Any] = {
     "evaluate": {
         "checkpoint": _f("choice", choices=("best_acc", "best_loss", "last")),
         "tta": _f("bool"),
-        "n_bootstrap": _f("int", minimum=0),
+        "n_bootstrap": _f("int", minimum=1),
     },
     "gradcam": {
         "n_per_cell": _f("int", minimum=1),
@@ -204,6 +208,21 @@ def _resolve_paths(tree: dict, schema: dict, folder: Path) -> None:
                 tree[key] = str((folder / Path(value).expanduser()).resolve())
 
 
+def _check_placeholders(value: str, allowed: tuple, dotted: str) -> None:
+    """A string that is later `str.format`ted may name only the `allowed` fields, plainly ({task})."""
+    allowed_text = ", ".join("{" + name + "}" for name in allowed)
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(value)
+                  if name is not None]
+    except ValueError:  # "Single '}' encountered", "expected '}' before end of string"
+        raise UserError(f"config key {dotted} = {value!r} is invalid: an unmatched {{ or }} (placeholders "
+                        f"allowed: {allowed_text})") from None
+    for name, spec, conversion in fields:
+        if name not in allowed or spec or conversion:
+            raise UserError(f"config key {dotted} = {value!r} is invalid: unknown placeholder "
+                            f"{{{name}}} (allowed: {allowed_text})")
+
+
 def _check(value: Any, spec: Field, dotted: str) -> Any:
     def bad() -> UserError:
         return UserError(f"config key {dotted} = {value!r} is invalid: expected {spec.describe()}")
@@ -233,6 +252,8 @@ def _check(value: Any, spec: Field, dotted: str) -> Any:
             raise bad()
         if spec.pattern and not re.match(spec.pattern, value):
             raise bad()
+        if spec.placeholders is not None:
+            _check_placeholders(value, spec.placeholders, dotted)
     elif kind == "choice":
         if value not in spec.choices:
             close = difflib.get_close_matches(str(value), [str(c) for c in spec.choices], n=1)
@@ -255,7 +276,7 @@ def _check(value: Any, spec: Field, dotted: str) -> Any:
             out.append(float(bound))
         return out
     elif kind == "list":
-        if not isinstance(value, list | tuple):
+        if not isinstance(value, list | tuple) or len(value) < spec.min_items:
             raise bad()
         return [_check(v, spec.item, f"{dotted}[{i}]") for i, v in enumerate(value)]
     if kind in ("int", "float") and (

@@ -4,7 +4,7 @@ Purpose: one place that turns a torchvision model name into a network with a fre
 right width, loads its starting weights without ever touching the network, converts uint8 patches
 into normalised model input, and extracts penultimate-layer features for clustering.
 
-Inputs:  a torchvision classification model name (``resnet18``, ``resnet50``, ...), a weights
+Inputs:  a torchvision classification model name that accepts 96x96 input (``resnet18``, ``resnet50``, ...), a weights
          choice (``"none"``, ``"imagenet"`` from the local torch hub cache, or a state-dict file),
          uint8 ``(N, H, W, 3)`` RGB patches (ndarray or h5py dataset).
 Outputs: ``torch.nn.Module`` objects and float32 ``(N, D)`` feature arrays.
@@ -38,6 +38,9 @@ _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "te
 _STRIP_PREFIXES = ("module.", "backbone.", "model.", "encoder.")
 # How many offending keys a WeightsError message lists per category.
 _KEYS_SHOWN = 5
+# Side of the pipeline's patches in pixels (PCam's format): every network must classify this input.
+PATCH_SIZE_PX = 96
+_PATCH_MODELS = "resnet18, resnet50, densenet121, efficientnet_b0 or convnext_tiny"
 
 
 class WeightsError(ValueError):
@@ -45,7 +48,8 @@ class WeightsError(ValueError):
 
 
 class ModelError(ValueError):
-    """The requested network cannot be built (unknown name, bad output count, no linear head)."""
+    """The requested network cannot be built (unknown name, bad output count, no linear head, or it
+    cannot classify 96x96 patches)."""
 
 
 def _head_name(model: nn.Module) -> str:
@@ -76,14 +80,72 @@ def _imagenet_weights(name: str):
         raise WeightsError(f"model {name!r} has no torchvision ImageNet weights: {error}") from error
     # torch.hub names the cached file after the last URL path component; checking it here, before
     # torchvision sees the enum, guarantees that nothing is ever downloaded.
-    file_name = os.path.basename(urlparse(weights.url).path)
-    cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    if not (cache_dir / file_name).is_file():
+    cached = _cached_file(weights)
+    if not cached.is_file():
         raise WeightsError(
-            f"ImageNet weights for {name!r} not found offline: put {file_name} into {cache_dir} "
+            f"ImageNet weights for {name!r} not found offline: put {cached.name} into {cached.parent} "
             f"(downloadable from {weights.url})"
         )
     return weights
+
+
+def _cached_file(weights) -> Path:
+    """Where torch hub keeps (and torchvision looks up) the file of a weights enum."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+
+
+def _torchvision_model(name: str, weights) -> nn.Module:
+    """``torchvision.models.get_model``; a damaged cached weights file becomes a WeightsError.
+
+    Networks with auxiliary classifiers (googlenet, inception_v3) are rebuilt without them, the way
+    torchvision offers: the training loop needs one logits tensor, not a tuple with auxiliary logits.
+    """
+    try:
+        model = torchvision.models.get_model(name, weights=weights)
+        if getattr(model, "aux_logits", False):
+            model = torchvision.models.get_model(name, weights=weights, aux_logits=False)
+    except Exception as error:  # a truncated or overwritten file: zip, pickle, unicode or shape errors
+        if weights is None:
+            raise
+        cached = _cached_file(weights)
+        reason = str(error).splitlines()[0] if str(error) else ""
+        raise WeightsError(
+            f"cached ImageNet weights {cached} cannot be loaded ({type(error).__name__}: {reason}); "
+            f"delete it and download it again from {weights.url}"
+        ) from error
+    return model
+
+
+def _check_patch_input(model: nn.Module, name: str) -> None:
+    """Refuse a network that cannot classify 96x96 patches (ViT and MaxViT are built for 224x224).
+
+    A dry forward pass of zeros in each mode (eval with one patch, training with two, as batch norm
+    needs) catches every such network, whatever its family. The random generator, the batch-norm
+    statistics and the train/eval mode are restored, so the check leaves no trace.
+
+    Raises:
+        ModelError: the forward pass fails or does not return one (N, outputs) logits tensor.
+    """
+    buffers = {key: buffer.clone() for key, buffer in model.named_buffers()}
+    was_training = model.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            for training, batch in ((False, 1), (True, 2)):
+                model.train(training)
+                logits = model(torch.zeros(batch, 3, PATCH_SIZE_PX, PATCH_SIZE_PX))
+                if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or len(logits) != batch:
+                    raise TypeError(f"returns {type(logits).__name__}, not one (N, outputs) logits tensor")
+    except Exception as error:  # AssertionError (ViT: "Expected 224"), RuntimeError (MaxViT: shapes), ...
+        reason = str(error).splitlines()[0] if str(error) else ""
+        raise ModelError(
+            f"model {name!r} cannot classify {PATCH_SIZE_PX}x{PATCH_SIZE_PX} patches ({type(error).__name__}: "
+            f"{reason}); the pipeline's {PATCH_SIZE_PX}x{PATCH_SIZE_PX} patches need a convolutional model, "
+            f"e.g. {_PATCH_MODELS}"
+        ) from error
+    finally:
+        model.train(was_training)
+        for key, buffer in model.named_buffers():
+            buffer.copy_(buffers[key])
 
 
 def _unwrap_state_dict(checkpoint: object, path: Path) -> dict[str, torch.Tensor]:
@@ -172,7 +234,8 @@ def build_model(name: str, num_outputs: int, weights: str = "none") -> nn.Module
         The network on the CPU in training mode; its head is ``nn.Linear(in_features, num_outputs)``.
 
     Raises:
-        ModelError: unknown model name or ``num_outputs`` < 1.
+        ModelError: unknown model name, ``num_outputs`` < 1, or a network that cannot classify
+            96x96 patches (vision transformers with a fixed 224x224 input: vit_*, maxvit_t).
         WeightsError: weights missing from the cache, unreadable, or not matching the network.
     """
     if num_outputs < 1:
@@ -181,12 +244,16 @@ def build_model(name: str, num_outputs: int, weights: str = "none") -> nn.Module
         raise ModelError(f"unknown torchvision classification model {name!r} (e.g. resnet18, resnet50)")
     if weights not in ("none", "imagenet") and not Path(weights).is_file():
         raise WeightsError(f"weights file not found: {weights} (expected 'none', 'imagenet' or a file path)")
-    if weights == "imagenet":
-        model = torchvision.models.get_model(name, weights=_imagenet_weights(name))
-    else:
-        model = torchvision.models.get_model(name, weights=None)
+    try:
+        imagenet = _imagenet_weights(name) if weights == "imagenet" else None
+    except WeightsError:
+        # A network that cannot be used is the first thing to hear, before fetching its weights.
+        _check_patch_input(_torchvision_model(name, None), name)
+        raise
+    model = _torchvision_model(name, imagenet)
     head = _head_name(model)
     _replace_module(model, head, nn.Linear(model.get_submodule(head).in_features, num_outputs))
+    _check_patch_input(model, name)
     if weights not in ("none", "imagenet"):
         _load_state_dict_file(model, Path(weights), head)
     return model

@@ -1,5 +1,6 @@
 """common/config.py: merging, overrides, strict validation, path resolution, CLI exit status."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +25,10 @@ def test_repository_configs_validate():
 
 def test_overrides_are_yaml_typed():
     cfg = load_config(ROOT / "config.yaml", ["train.epochs=3", "train.lr=5e-4", "normalize.methods=[macenko]",
-                                             "tile_dlbcl.mpp_override=null", "train.resume=auto"])
+                                             "tile_dlbcl.mpp_override=null", "train.resume=auto",
+                                             "train.experiment=v2_{model}-{task}", "evaluate.n_bootstrap=1"])
     assert cfg["train"]["epochs"] == 3 and cfg["train"]["lr"] == 5e-4
+    assert cfg["train"]["experiment"] == "v2_{model}-{task}" and cfg["evaluate"]["n_bootstrap"] == 1
     assert cfg["normalize"]["methods"] == ["macenko"] and cfg["tile_dlbcl"]["mpp_override"] is None
     assert cfg["train"]["resume"] == "auto"
     assert parse_override("a.b= 1.5") == ("a.b", 1.5)
@@ -42,9 +45,21 @@ def test_overrides_are_yaml_typed():
     ("filter_pcam.hue_range=[0.1]", "filter_pcam.hue_range"),
     ("normalize.methods=[macenko, foo]", "normalize.methods[1]"),
     ("trainepochs=3", "dotted"),
+    # values that used to pass the schema and crash a later step
+    ("evaluate.n_bootstrap=0", "evaluate.n_bootstrap = 0 is invalid: expected an integer in [1, inf]"),
+    ("cluster.features=[]", "cluster.features = [] is invalid: expected a non-empty list of one of pixels"),
+    ("normalize.methods=[]", "normalize.methods = [] is invalid: expected a non-empty list of one of none"),
+    ("train.experiment=x_{foo}", "train.experiment = 'x_{foo}' is invalid: unknown placeholder {foo} "
+                                 "(allowed: {task}, {model})"),
+    ("train.experiment=x_{0}", "unknown placeholder {0} (allowed: {task}, {model})"),
+    ("train.experiment=x_{task", "train.experiment = 'x_{task' is invalid: an unmatched { or } (placeholders "
+                                 "allowed: {task}, {model})"),
+    ("train.experiment=x_}", "train.experiment = 'x_}' is invalid: an unmatched { or }"),
+    # 03 needs all three PCam splits from 01's last run: 01 no longer takes a subset
+    ("filter_pcam.splits=[train]", "unknown config key filter_pcam.splits"),
 ])
 def test_bad_values_name_the_key(override, message):
-    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(")):
+    with pytest.raises(UserError, match=re.escape(message)):
         load_config(ROOT / "config.yaml", [override])
 
 

@@ -1,5 +1,5 @@
-"""01_filter_pcam as a whole: the patch sets it wrote are listed in summary.json, a split that keeps no
-patch fails, broken input files are one line and exit 2, and no grid-search "best" without junk labels."""
+"""01_filter_pcam as a whole: it always writes all three splits, lists them in summary.json, a split that keeps
+no patch fails, broken input files are one line and exit 2, and no grid-search "best" without junk labels."""
 
 import json
 from pathlib import Path
@@ -45,6 +45,7 @@ def test_outputs_and_grid_search_best_with_junk_labels(tmp_path, filter_script):
     summary = read_summary(tmp_path)
     assert summary["outputs"] == ["train.h5", "valid.h5", "test.h5"]
     grid = json.loads((tmp_path / "runs" / "t" / "01_filter_pcam" / "grid_search.json").read_text())
+    assert grid["split"] == "train" and grid["n_samples"] == 24  # on train only, as config.yaml says
     f1 = np.array([r["f1"] for r in grid["results"]])
     assert np.isfinite(f1).any()  # the demo's junk labels make F1 defined
     assert grid["best"]["f1"] == np.nanmax(f1) and summary["grid_search"]["best"] == grid["best"]
@@ -76,6 +77,14 @@ def run_01(filter_script, tmp_path: Path, pcam: Path, capsys) -> tuple[int, str]
     """Run 01 as the command line does; (exit status, last stderr line)."""
     status = cli.run(filter_script.main, config_args(tmp_path, pcam))
     return status, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_subset_of_splits_is_refused(tmp_path, filter_script, capsys):
+    # 03 needs all three splits from 01's last run, so 01 has no `splits` key to leave one out
+    args = config_args(tmp_path, tmp_path / "pcam") + ["--set", "filter_pcam.splits=[train]"]
+    assert cli.run(filter_script.main, args) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: unknown config key filter_pcam.splits"]
+    assert not (tmp_path / "runs").exists()
 
 
 def test_corrupt_h5_is_one_line_and_exit_2(tmp_path, filter_script, capsys):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from common import models
 from common.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -83,6 +84,39 @@ def test_imagenet_missing_file_names_file_and_folder(hub_dir):
     assert str(hub_dir / "checkpoints") in message
 
 
+@pytest.mark.parametrize("name, reason", [
+    ("vit_b_16", "AssertionError: Wrong image height! Expected 224 but got 96!"),
+    ("maxvit_t", "RuntimeError: shape"),
+])
+def test_transformers_for_224_input_are_refused(hub_dir, name, reason):
+    # with weights="imagenet" and no cached file the model error still comes first: no point downloading
+    for weights in ("none", "imagenet"):
+        with pytest.raises(ModelError) as error:
+            build_model(name, 2, weights=weights)
+        message = str(error.value)
+        assert message.startswith(f"model {name!r} cannot classify 96x96 patches ({reason}")
+        assert message.endswith("need a convolutional model, e.g. resnet18, resnet50, densenet121, "
+                                "efficientnet_b0 or convnext_tiny") and "\n" not in message
+
+
+def test_auxiliary_classifiers_are_dropped_so_training_gets_one_tensor():
+    model = build_model("googlenet", 3)  # torchvision's GoogLeNet returns (logits, aux2, aux1) in training
+    assert model.training and model.aux1 is None and model.aux2 is None
+    with torch.no_grad():
+        logits = model(torch.zeros(2, 3, 96, 96))
+    assert isinstance(logits, torch.Tensor) and logits.shape == (2, 3)
+
+
+def test_patch_input_check_leaves_no_trace():
+    model = build_model("mobilenet_v3_small", 2).eval()  # batch norm and dropout
+    before_state = {key: value.clone() for key, value in model.state_dict().items()}
+    before_rng = torch.get_rng_state()
+    models._check_patch_input(model, "mobilenet_v3_small")
+    assert not model.training
+    assert torch.equal(torch.get_rng_state(), before_rng)
+    _assert_same_tensors(model.state_dict(), before_state)
+
+
 def test_imagenet_loads_from_hub_cache(hub_dir):
     imagenet_like = build_model("resnet18", 1000).state_dict()
     (hub_dir / "checkpoints").mkdir()
@@ -94,6 +128,31 @@ def test_imagenet_loads_from_hub_cache(hub_dir):
         {k: v for k, v in imagenet_like.items() if not k.startswith("fc.")},
     )
     assert model.fc.weight.shape == (2, 512)
+
+
+def _truncated_torch_file(path):
+    torch.save({"weight": torch.zeros(1024, 1024)}, path)  # 4 MB: smaller files fail with an OSError instead
+    path.write_bytes(path.read_bytes()[:2_000_000])  # an interrupted download: the zip directory is missing
+
+
+@pytest.mark.parametrize("damage, error", [
+    (_truncated_torch_file, "RuntimeError: PytorchStreamReader failed reading zip archive"),
+    (lambda path: path.write_bytes(b"<html>rate limited</html>" * 40), "UnpicklingError"),
+    (lambda path: path.write_bytes(bytes(range(256)) * 8), "UnpicklingError: invalid load key"),
+    (lambda path: path.write_bytes(b"X\x02\x00\x00\x00\xff\xfe." * 4), "UnicodeDecodeError"),  # a bad pickled string
+    (lambda path: torch.save(build_model("resnet50", 1000).state_dict(), path), "RuntimeError: Error(s) in loading"),
+], ids=["truncated", "html", "binary-garbage", "bad-string", "another-model"])
+def test_damaged_cached_imagenet_file_is_a_weights_error(hub_dir, damage, error):
+    cached = hub_dir / "checkpoints" / RESNET18_IMAGENET_FILE
+    cached.parent.mkdir()
+    damage(cached)
+    with pytest.raises(WeightsError) as raised:
+        build_model("resnet18", 2, weights="imagenet")
+    message = str(raised.value)
+    assert message.startswith(f"cached ImageNet weights {cached} cannot be loaded (") and error in message
+    assert message.endswith("delete it and download it again from "
+                            f"https://download.pytorch.org/models/{RESNET18_IMAGENET_FILE}")
+    assert "\n" not in message
 
 
 @pytest.mark.parametrize(
