@@ -281,7 +281,7 @@ def bootstrap_ci(
     rng = np.random.default_rng(seed)
     chunk = max(1, _BOOTSTRAP_CHUNK_CELLS // num_samples)
     parts: dict[str, list[np.ndarray]] = {key: [] for key in ("accuracy", "balanced", "auc", "p", "r", "f1")}
-    for start in range(0, n_boot if num_units > 1 else 0, chunk):
+    for start in range(0, n_boot, chunk):
         size = min(chunk, n_boot - start)
         draws = rng.integers(0, num_units, size=(size, num_units))
         # Row b counts how often each unit (sample or group) occurs in resample b; a sample's weight
@@ -301,13 +301,12 @@ def bootstrap_ci(
         # As scikit-learn: average recall over the classes present in this resample.
         parts["balanced"].append(np.nanmean(recall, axis=1))
         parts["auc"].append(_auc(labels, probs, weights, auc_classes))
-    values = {key: np.concatenate(chunks) if chunks else np.full((1, num_classes), np.nan)
-              for key, chunks in parts.items()}
+    values = {key: np.concatenate(chunks) for key, chunks in parts.items()}
     tail_pct = 50.0 * (1.0 - level)
 
     def interval(samples: np.ndarray) -> list[float]:
         samples = samples[~np.isnan(samples)]
-        if samples.size == 0:
+        if samples.size == 0 or num_units < 2:  # one unit: every resample is the data itself
             return [float("nan"), float("nan")]
         return [float(v) for v in np.percentile(samples, [tail_pct, 100.0 - tail_pct])]
 
