@@ -4,7 +4,7 @@ Times, in one run on the same patches, torchstain 1.4.1's numpy MacenkoNormalize
 2.1.2's Vahadane StainNormalizer applied patch by patch (bench-only dependencies: torchstain,
 staintools with spams-bin), against our batched transform, and prints patches/s and the ratio.
 
-Inputs: the real PCam tiles in shared/testdata/real/pcam/negative_tiles (96x96 centre crops),
+Inputs: the real PCam tiles in tests/data/pcam/negative_tiles (96x96 centre crops),
 repeated to --patches; the torchstain target image as reference.
 Outputs: printed table.
 
@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import stain  # noqa: E402
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "real"
+REAL = Path(__file__).resolve().parents[1] / "tests" / "data"
 
 
 def read_rgb(path: Path) -> np.ndarray:

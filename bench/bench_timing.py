@@ -6,7 +6,7 @@ process with the same thread count, are warmed up before timing, and are timed i
 alike; the reported rate is the median over rounds. Per-item baselines may be timed on a subset and are
 reported in items/s, like ours.
 
-Inputs: callables to time; the real H&E images in ``shared/testdata/real/he`` (beside the repository).
+Inputs: callables to time; the real H&E images in ``tests/data/he``.
 Outputs: ``Result`` rows (ours, baseline, unit, ratio, goal, note) and uint8 (N, 96, 96, 3) RGB patches.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "real"
+REAL_DIR = Path(__file__).resolve().parents[1] / "tests" / "data"
 PATCH_PX = 96
 # Tissue test for choosing crops: torchstain's Macenko rule (every channel's OD >= 0.15 at Io = 240)
 # must hold for this share of pixels, so that no per-patch baseline fails on a near-empty crop.
@@ -99,7 +99,7 @@ def read_rgb(path: Path) -> np.ndarray:
     """uint8 (H, W, 3) RGB of an image file; the alpha channel of RGBA PNGs is dropped."""
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None:
-        raise FileNotFoundError(f"cannot read test image {path} (is shared/ beside the repository?)")
+        raise FileNotFoundError(f"cannot read test image {path} (tests/data is part of the repository)")
     return np.ascontiguousarray(cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2RGB))
 
 
@@ -111,7 +111,7 @@ def tissue_fraction(patches: np.ndarray) -> np.ndarray:
 
 
 def real_patches(n: int, seed: int = 0) -> np.ndarray:
-    """Real H&E tissue patches: 96 x 96 crops of ``shared/testdata/real/he/**/*.png`` with tissue.
+    """Real H&E tissue patches: 96 x 96 crops of ``tests/data/he/**/*.png`` with tissue.
 
     Crops lie on a non-overlapping grid; those with less than ``MIN_TISSUE_FRACTION`` tissue are dropped.
     The distinct crops (a few hundred) are repeated under random dihedral transforms up to ``n``.

@@ -12,7 +12,7 @@ Goal: ResNet-18 ours >= 100k images/s at the large batch on an H200.
 
 Needs torch, numpy and OpenCV only (no openslide, no project venv); uses ``common.models`` /
 ``common.data`` / torchvision / PIL where importable and equivalent local code where not.
-Inputs: real H&E crops from ``shared/testdata/real`` when present, else synthetic Beer-Lambert patches
+Inputs: real H&E crops from ``tests/data`` when present, else synthetic Beer-Lambert patches
 (training speed does not depend on pixel content). Output: JSON (default bench/gpu_results.json).
 
 Usage:
@@ -227,15 +227,15 @@ def naive_rate(depth: int, x: np.ndarray, batch_size: int, device: torch.device,
 
 # ------------------------------------------------------------------------------------------ data
 def patches(n: int) -> tuple[np.ndarray, np.ndarray, str]:
-    """uint8 (n, 96, 96, 3) patches and a stain reference (H, W, 3), real where shared/ is present."""
+    """uint8 (n, 96, 96, 3) patches and a stain reference (H, W, 3), real where tests/data is present."""
     try:
-        return real_patches(n), stain_target(), "real H&E crops (shared/testdata/real)"
+        return real_patches(n), stain_target(), "real H&E crops (tests/data)"
     except (FileNotFoundError, ValueError):
         rng = np.random.default_rng(0)
         stains = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])
         conc = rng.gamma(2.0, 0.35, (n + 1, 96, 96, 2))
         rgb = np.clip(240 * np.exp(-(conc @ stains)), 0, 255).astype(np.uint8)
-        return rgb[:n], rgb[n], "synthetic Beer-Lambert H&E (shared/ not found)"
+        return rgb[:n], rgb[n], "synthetic Beer-Lambert H&E (tests/data not found)"
 
 
 def main(argv: list[str] | None = None) -> int:

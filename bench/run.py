@@ -14,7 +14,7 @@ Benchmarks (name: ours vs baseline, unit):
     train_step      05's train_one_epoch vs a plain fp32 loop (ResNet-18, 96 px)     images/s
     gradcam         common.gradcam vs pytorch-grad-cam 1.5.7 (ResNet-18)            images/s
 
-Inputs: real H&E crops from ``shared/testdata/real`` (beside the repository); a synthetic slide from
+Inputs: real H&E crops from ``tests/data``; a synthetic slide from
 ``common.demo`` (tiling). Outputs: a table on stdout and ``bench/results.json`` as
 ``{"<name>": {"ours": x, "baseline": y, "unit": "...", "ratio": r, ...}}``.
 

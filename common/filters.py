@@ -17,7 +17,7 @@ saturation-weighted circular mean, so near-grey pixels (whose hue is noise) do n
 
 Thresholds. ``THESIS_PRESET`` is the thesis's published numbers: SATURATION [0.3, 0.4], BRIGHTNESS
 [0.5, 0.8], HUE [0.5, 0.6]. The thesis does not say its hue scale; on the real H&E tiles in
-``shared/testdata/real`` the linear mean of OpenCV's 8-bit hue (0..179, i.e. degrees / 2) divided by
+``tests/data`` the linear mean of OpenCV's 8-bit hue (0..179, i.e. degrees / 2) divided by
 255 -- the usual slip of scaling all three uint8 channels by 255 -- gives 0.49..0.65, which matches the
 published [0.5, 0.6]; under that reading the range is 255..306 degrees, i.e. (0.708, 0.85) here (violet
 to magenta), and that is what the preset holds. Taken literally it keeps 1.4 % of the real tissue

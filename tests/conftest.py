@@ -1,4 +1,4 @@
-"""Shared test helpers: the repository root, the real test data beside it, loading step scripts."""
+"""Shared test helpers: the repository root, the real test images inside it, loading step scripts."""
 
 import importlib.util
 import sys
@@ -7,14 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL = ROOT.parent / "shared" / "testdata" / "real"
-
-
-@pytest.fixture
-def real_dir() -> Path:
-    if not REAL.is_dir():
-        pytest.skip(f"real test data not found at {REAL}")
-    return REAL
+REAL = ROOT / "tests" / "data"  # real H&E fixtures, provenance in tests/data/SOURCES.md
 
 
 def load_script(stem: str):

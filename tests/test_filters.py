@@ -1,5 +1,5 @@
 """Tests for common/filters.py: HSV means against colorsys/OpenCV, thresholds, chunking, and the
-default thresholds on real H&E, glass and IHC-like (DAB re-stained) patches from shared/testdata/real."""
+default thresholds on real H&E, glass and IHC-like (DAB re-stained) patches from tests/data."""
 
 import colorsys
 from pathlib import Path
@@ -21,7 +21,7 @@ from common.filters import (
     keep_from_means,
 )
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "real"
+REAL = Path(__file__).resolve().parent / "data"
 # SOURCES.md lists these PCam tiles as background (near-white, or mostly glass with a few strands).
 PCAM_GLASS = ("pcam_r0_c06", "pcam_r0_c11")
 PCAM_MOSTLY_BACKGROUND = ("pcam_r1_c13", "pcam_r2_c07")
@@ -78,7 +78,7 @@ def restain_dab(x: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def real_sets() -> dict[str, np.ndarray]:
-    """Tissue, glass and IHC-like 96x96 patches built from shared/testdata/real."""
+    """Tissue, glass and IHC-like 96x96 patches built from tests/data."""
     tissue, glass = [], []
     for path in sorted((REAL / "pcam" / "negative_tiles").glob("*.png")):
         patch = read_rgb(path)[2:98, 2:98]

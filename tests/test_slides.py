@@ -1,4 +1,4 @@
-"""Tests for common/slides.py on the real slides in shared/testdata/real/slides and on pyramidal TIFFs
+"""Tests for common/slides.py on the real slides in tests/data/slides and on pyramidal TIFFs
 written here with tifffile: scale and level choice, exact reads, bounded reads, bad inputs, overview."""
 
 from pathlib import Path
@@ -22,7 +22,7 @@ from common.slides import (
     tile_slide,
 )
 
-SLIDES = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "real" / "slides"
+SLIDES = Path(__file__).resolve().parent / "data" / "slides"
 CMU = SLIDES / "cmu-1-small-region.svs"  # Aperio, one level, 2220 x 2967, mpp 0.499
 TCGA = SLIDES / "tcga-cr-7395-01a-01-ts1.svs"  # Aperio, downsamples (1, 2.0005), no mpp
 BOXES = SLIDES / "synthetic" / "boxes.tiff"  # generic TIFF, downsamples (1, 2, 4.0161, 8.0863)

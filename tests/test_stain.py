@@ -1,7 +1,7 @@
 """Tests of common/stain.py against torchstain 1.4.1 (Macenko), staintools 2.1.2 (Vahadane, Reinhard),
 a plain per-image OpenCV Reinhard, scikit-learn's positive Lasso, and hand-built edge cases.
 
-Real images come from shared/testdata/real (see its SOURCES.md).
+Real images come from tests/data (see its SOURCES.md).
 """
 
 from functools import cache
@@ -11,10 +11,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torchstain  # reference libraries: installed by make test, required (no skip)
+from staintools.stain_extraction.vahadane_stain_extractor import VahadaneStainExtractor
 
 from common import stain
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "real"
+REAL = Path(__file__).resolve().parent / "data"
 HE = REAL / "he"
 TILES = REAL / "pcam" / "negative_tiles"
 
@@ -59,7 +61,6 @@ def single_stain_patch(od_vector, seed: int) -> np.ndarray:
 
 # ------------------------------------------------------------------ references
 def test_macenko_matches_torchstain_on_real_he(target):
-    torchstain = pytest.importorskip("torchstain")
     reference = torchstain.normalizers.MacenkoNormalizer(backend="numpy")
     reference.fit(target)
     ours = fitted_to_target("macenko")
@@ -115,9 +116,8 @@ def test_reinhard_matches_opencv_convention_and_staintools(target):
 @pytest.mark.parametrize("name", ["torchstain/target.png", "tiatoolbox/source_image.png",
                                   "histolab/medium-nuclei-score-level1.png"])
 def test_vahadane_matrix_matches_staintools(name):
-    extractor = pytest.importorskip("staintools.stain_extraction.vahadane_stain_extractor")
     image = read_rgb(HE / name)
-    expected = extractor.VahadaneStainExtractor.get_stain_matrix(image.copy())
+    expected = VahadaneStainExtractor.get_stain_matrix(image.copy())
     matrix = stain.make_normalizer("vahadane").fit(image).stain_matrix
     assert matrix.shape == (2, 3)
     assert (matrix >= 0).all()
@@ -199,7 +199,6 @@ def test_keep_residual_macenko_matches_torchstain_estimates_plus_the_residual(ta
     """Reference: torchstain 1.4.1's own stain and concentration estimates (its private
     ``__compute_matrices``), remixed with the target's stains and the source's out-of-plane optical
     density added back, inverted exactly: round(Io * exp(-od) - 1)."""
-    torchstain = pytest.importorskip("torchstain")
     reference = torchstain.normalizers.MacenkoNormalizer(backend="numpy")
     reference.fit(target)
     ours = stain.make_normalizer("macenko", keep_residual=True).fit(target)
@@ -244,7 +243,6 @@ def test_vahadane_is_deterministic(target):
 
 
 def test_group_scope_pools_pixels_like_one_stacked_image(target):
-    torchstain = pytest.importorskip("torchstain")
     reference = torchstain.normalizers.MacenkoNormalizer(backend="numpy")
     reference.fit(target)
     tiles = pcam_tiles(TISSUE_TILES[:4])
