@@ -4,8 +4,6 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT / "tests" / "data"  # real H&E fixtures, provenance in tests/data/SOURCES.md
 

@@ -241,4 +241,4 @@ def test_extract_features_matches_manual_forward_and_h5(tmp_path):
         handle.create_dataset("x", data=x, chunks=(4, 32, 32, 3))
     with h5py.File(tmp_path / "patches.h5", "r") as handle:
         from_h5 = extract_features(model, handle["x"], IMAGENET_MEAN, IMAGENET_STD, batch_size=3, progress=False)
-    np.testing.assert_allclose(from_h5, features, rtol=1e-4, atol=1e-5)  # other batch size: float32 reduction order differs
+    np.testing.assert_allclose(from_h5, features, rtol=1e-4, atol=1e-5)  # another batch size: float32 sums reorder
