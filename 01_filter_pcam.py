@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 from common import cli, filters, plots
 from common.config import SPLITS, UserError
-from common.patchset import PatchSetWriter, begin_step, provenance, write_json, write_summary
+from common.patchset import PatchSetWriter
+from common.steps import begin_step, provenance, write_json, write_summary
 
 STEP = "01_filter_pcam"
 PCAM_MPP = 0.972  # µm/px: Camelyon16's 0.243 µm/px at 40x, undersampled 4x

@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 from common import cli, slides
 from common.config import UserError
-from common.patchset import PatchSetWriter, begin_step, provenance, write_summary
+from common.patchset import PatchSetWriter
+from common.steps import begin_step, provenance, write_summary
 
 STEP = "02_tile_dlbcl"
 

@@ -36,16 +36,8 @@ from tqdm import tqdm
 
 from common import cli, plots, stain
 from common.config import UserError
-from common.patchset import (
-    PatchSet,
-    begin_step,
-    provenance,
-    read_patch_set,
-    require_step,
-    write_json,
-    write_patch_set,
-    write_summary,
-)
+from common.patchset import PatchSet, read_patch_set, write_patch_set
+from common.steps import begin_step, provenance, require_step, write_json, write_summary
 
 STEP = "03_normalize"
 AUTO_REFERENCE_PATCHES = 64

@@ -32,7 +32,7 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 
 from common import cli, data, metrics, models, plots
-from common.patchset import atomic_path, begin_step, require_step, write_json, write_summary
+from common.steps import atomic_path, begin_step, require_step, write_json, write_summary
 
 STEP = "04_cluster"
 # Thesis §6.1 (ResNet-18 ImageNet features; "after" = stain-normalised, Macenko best)

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from common import cli, data, engine, models, plots
 from common.config import UserError
-from common.patchset import atomic_path, require_step, write_experiments_summary, write_summary
+from common.steps import json_text, require_step, write_experiments_summary, write_json, write_summary
 
 STEP = "05_train"
 
@@ -198,8 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             "mean": mean.tolist(), "std": std.tolist(), "counts_per_split": counts,
             "split": "official" if tc["task"] == "pcam" else tc["split"]}  # PCam keeps its official splits
     if rank == 0:
-        with atomic_path(folder / "experiment.json") as tmp:
-            tmp.write_text(json.dumps(meta, indent=2))
+        write_json(folder / "experiment.json", meta)
         print(f"   experiment {folder.name}: {tc['task']} on {tc['method']}, classes {class_names}, "
               f"{meta['split']} split")
         if tc["task"] == "pcam" and tc["split"] == "random":
@@ -240,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                 if better:
                     shutil.copyfile(folder / "last.pt", folder / f"{name}.pt")
             with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json_text(record) + "\n")
             if board is not None:
                 for key, value in record.items():
                     board.add_scalar(key, value, epoch + 1)

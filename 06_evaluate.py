@@ -31,7 +31,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from common import cli, data, engine, metrics, plots
-from common.patchset import atomic_path, require_step, step_dir, write_experiments_summary, write_json, write_summary
+from common.steps import atomic_path, require_step, step_dir, write_experiments_summary, write_json, write_summary
 
 STEP = "06_evaluate"
 COLOUR_BASELINE_PATCHES = 20000

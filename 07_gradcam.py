@@ -24,7 +24,7 @@ import torch
 
 from common import cli, data, engine, gradcam, models, plots
 from common.config import UserError
-from common.patchset import atomic_path, require_step, step_dir, write_experiments_summary, write_json, write_summary
+from common.steps import atomic_path, require_step, step_dir, write_experiments_summary, write_json, write_summary
 
 STEP = "07_gradcam"
 STATS_PER_CELL = 256  # patches per (source, class) for the centre-mass statistic

@@ -15,29 +15,23 @@ from pathlib import Path
 
 import torch
 
-from common.config import UserError, load_config
-from common.patchset import git_commit, run_dir
+from common.config import load_config
+from common.errors import UserError
+from common.steps import git_commit, run_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    """Exception types that mean "the user can fix this" (printed as one line, exit 2)."""
-    from common.filters import FilterError
-    from common.models import ModelError, WeightsError
-    from common.slides import SlideError
-    from common.stain import StainError
-
-    # FloatingPointError: a non-finite training loss, stopped with a message naming the epoch and batch
-    return (UserError, SlideError, WeightsError, ModelError, StainError, FilterError, FileNotFoundError,
-            FloatingPointError)
+# One line and exit 2: every user mistake (common.errors.UserError and its subclasses), a missing file,
+# and a non-finite training loss (stopped with a message naming the epoch and batch).
+USER_ERRORS = (UserError, FileNotFoundError, FloatingPointError)
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Call `main(argv)`; a user error becomes `error: <one line>` and exit status 2."""
     try:
         return int(main(argv) or 0)
-    except user_errors() as err:
+    except USER_ERRORS as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"error: {message}", file=sys.stderr)
         return 2

@@ -25,9 +25,7 @@ from typing import Any
 
 import yaml
 
-
-class UserError(ValueError):
-    """A mistake the user can fix (bad config, missing input): printed as one line, exit 2."""
+from common.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from common.config import UserError
-from common.patchset import atomic_path
+from common.steps import atomic_path
 
 CLASS_NAMES = {
     "pcam": ["negative", "metastasis"],

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from common import data, models
 from common.config import UserError
-from common.patchset import atomic_path, run_dir
+from common.steps import atomic_path, run_dir
 
 
 def num_outputs(task: str) -> int:

@@ -46,6 +46,8 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 import numpy as np
 
+from common.errors import UserError
+
 REJECT_REASONS = ("low_saturation", "high_saturation", "low_value", "high_value", "off_hue")
 
 # Thesis hue read as OpenCV 8-bit hue / 255 (see the module docstring): h_ours = h_thesis * 510 / 360.
@@ -77,7 +79,7 @@ DLBCL_QUALITY = {
 _BLOCK_PX = 8 * 96 * 96
 
 
-class FilterError(ValueError):
+class FilterError(UserError):
     """A threshold or input given to the patch filters is invalid."""
 
 

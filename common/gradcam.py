@@ -32,12 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.errors import UserError
+
 # pytorch-grad-cam's `scale_cam_image` divides by (1e-7 + max); matching it keeps maps comparable and
 # turns a constant map into zeros instead of 0/0 = NaN.
 NORMALISE_EPS = 1e-7
 
 
-class GradCAMError(ValueError):
+class GradCAMError(UserError):
     """A Grad-CAM request that cannot be served: bad target, bad shapes or an unusable layer."""
 
 

@@ -33,6 +33,8 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from common.errors import UserError
+
 # Bootstrap resamples are processed in chunks of about this many (resample, sample) cells, which
 # bounds memory (a few float64 arrays of this size) whatever N is.
 _BOOTSTRAP_CHUNK_CELLS = 1 << 21
@@ -40,7 +42,7 @@ _BOOTSTRAP_CHUNK_CELLS = 1 << 21
 _PROBE_MAX_ITER = 5000
 
 
-class MetricsError(ValueError):
+class MetricsError(UserError):
     """Inputs to a metric have inconsistent shapes or impossible values."""
 
 

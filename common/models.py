@@ -28,6 +28,8 @@ import torchvision
 from torch import nn
 from tqdm import tqdm
 
+from common.errors import UserError
+
 # ImageNet channel statistics on the 0-1 scale (torchvision's training recipe).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -43,11 +45,11 @@ PATCH_SIZE_PX = 96
 _PATCH_MODELS = "resnet18, resnet50, densenet121, efficientnet_b0 or convnext_tiny"
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """Starting weights cannot be found or do not fit the network."""
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """The requested network cannot be built (unknown name, bad output count, no linear head, or it
     cannot classify 96x96 patches)."""
 

@@ -15,7 +15,7 @@ from scipy.ndimage import gaussian_filter
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-from common.patchset import atomic_path  # noqa: E402
+from common.steps import atomic_path  # noqa: E402
 
 
 def mosaic(images: np.ndarray, ncols: int = 16, pad_px: int = 2) -> np.ndarray:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from common import cli
-from common.patchset import run_dir
+from common.steps import run_dir
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 import openslide
 
+from common.errors import UserError
 from common.filters import DLBCL_QUALITY, filter_patches
 
 # A thumbnail pixel is tissue when its saturation exceeds the DLBCL patch floor (thesis: S > 0.07).
@@ -49,7 +50,7 @@ def _usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-class SlideError(ValueError):
+class SlideError(UserError):
     """A slide cannot be used: missing, unreadable, without a scale, or asked to upsample."""
 
 

@@ -46,6 +46,8 @@ import cv2
 import numpy as np
 import torch
 
+from common.errors import UserError
+
 METHODS = ("none", "macenko", "vahadane", "reinhard")
 FIT_SCOPES = ("patch", "group")
 
@@ -87,7 +89,7 @@ _STATE_VERSION = 1
 _RUIFROK_HE = ((0.65, 0.70, 0.29), (0.07, 0.99, 0.11))
 
 
-class StainError(ValueError):
+class StainError(UserError):
     """A user mistake: unknown method or parameter, bad array, unusable reference, unfitted use."""
 
 

@@ -56,7 +56,7 @@ def test_grid_search_without_junk_labels_has_no_best(tmp_path, filter_script, ca
     (pcam / "demo_junk.json").unlink()  # real PCam: nothing says which patches are junk
     assert filter_script.main(config_args(tmp_path, pcam, grid_search=True, grid_search_samples=24)) == 0
     grid = json.loads((tmp_path / "runs" / "t" / "01_filter_pcam" / "grid_search.json").read_text())
-    assert all(np.isnan(r["f1"]) for r in grid["results"]) and len(grid["results"]) == 14
+    assert all(r["f1"] is None for r in grid["results"]) and len(grid["results"]) == 14
     assert grid["best"] is None and read_summary(tmp_path)["grid_search"] == {"n_candidates": 14, "best": None}
     assert f"no best candidate: F1 needs known junk ({pcam / 'demo_junk.json'} not found)" in capsys.readouterr().out
 

@@ -1,6 +1,5 @@
-"""common/patchset.py: the patch-set contract, atomic writes, step folders."""
+"""common/patchset.py: the patch-set contract and its file mode."""
 
-import json
 import os
 import stat
 from pathlib import Path
@@ -10,16 +9,8 @@ import numpy as np
 import pytest
 
 from common.config import UserError
-from common.patchset import (
-    PatchSet,
-    PatchSetWriter,
-    atomic_path,
-    begin_step,
-    read_patch_set,
-    require_step,
-    write_patch_set,
-    write_summary,
-)
+from common.patchset import PatchSet, PatchSetWriter, read_patch_set, write_patch_set
+from common.steps import atomic_path
 
 
 def make(n: int, seed: int = 0) -> PatchSet:
@@ -78,34 +69,6 @@ def test_read_errors_are_user_errors(tmp_path: Path):
         read_patch_set(tmp_path / "wrong.h5")
 
 
-def test_summary_and_upstream_check(tmp_path: Path):
-    cfg = {"run": {"output_root": str(tmp_path), "name": "r"}, "_config_path": "x"}
-    with pytest.raises(UserError, match="run `python 01_filter_pcam.py`"):
-        require_step(cfg, "01_filter_pcam")
-    folder = tmp_path / "r" / "01_filter_pcam"
-    folder.mkdir(parents=True)
-    write_summary(folder, "01_filter_pcam", cfg, 0.0, kept=np.int64(3))
-    summary = json.loads((folder / "summary.json").read_text())
-    assert summary["kept"] == 3 and summary["skipped"] == [] and "commit" in summary
-    assert "_config_path" not in summary["config"]
-    assert require_step(cfg, "01_filter_pcam") == folder
-
-
-def test_upstream_outputs_must_come_from_the_last_run(tmp_path: Path):
-    cfg = {"run": {"output_root": str(tmp_path), "name": "r"}}
-    folder = tmp_path / "r" / "02_tile_dlbcl"
-    folder.mkdir(parents=True)
-    write_summary(folder, "02_tile_dlbcl", cfg, 0.0)  # an older version: no outputs list, not checked
-    assert require_step(cfg, "02_tile_dlbcl", outputs=["dlbcl.h5"]) == folder
-    write_summary(folder, "02_tile_dlbcl", cfg, 0.0, outputs=["dlbcl.h5"])
-    assert require_step(cfg, "02_tile_dlbcl", outputs=["dlbcl.h5"]) == folder
-    with pytest.raises(UserError, match=r"other\.h5 was not written by the last run of 02_tile_dlbcl"):
-        require_step(cfg, "02_tile_dlbcl", outputs=["dlbcl.h5", "other.h5"])
-    write_summary(folder, "02_tile_dlbcl", cfg, 0.0, outputs=[])  # the last run failed: an old dlbcl.h5 is stale
-    with pytest.raises(UserError, match="that run failed or skipped it"):
-        require_step(cfg, "02_tile_dlbcl", outputs=["dlbcl.h5"])
-
-
 def test_written_files_get_the_umask_mode_not_owner_only(tmp_path: Path):
     old = os.umask(0o022)
     try:
@@ -116,15 +79,3 @@ def test_written_files_get_the_umask_mode_not_owner_only(tmp_path: Path):
         os.umask(old)
     for name in ("a.h5", "b.json"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
-
-
-def test_a_started_step_is_not_finished_until_its_new_summary(tmp_path: Path):
-    cfg = {"run": {"output_root": str(tmp_path), "name": "r"}}
-    folder = begin_step(cfg, "03_normalize")
-    write_summary(folder, "03_normalize", cfg, 0.0, outputs=["macenko/dlbcl.h5"])
-    (folder / "macenko").mkdir()
-    (folder / "macenko" / "dlbcl.h5").write_bytes(b"old")
-    assert begin_step(cfg, "03_normalize") == folder  # a rerun starts: the old summary goes, the files stay
-    assert (folder / "macenko" / "dlbcl.h5").read_bytes() == b"old"
-    with pytest.raises(UserError, match="run `python 03_normalize.py`"):
-        require_step(cfg, "03_normalize", outputs=["macenko/dlbcl.h5"])
