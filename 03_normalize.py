@@ -6,17 +6,17 @@ Reads:
     normalize.reference                               a reference image, or `auto`
 Writes (runs/<run>/03_normalize/):
     <method>/{pcam_train,pcam_valid,pcam_test,dlbcl}.h5   one folder per method (`none` = unchanged)
-    <method>/normalizer.json                            the fitted normaliser (reload: stain.load_normalizer)
+    <method>/normalizer.json                            the fitted normaliser (reload: stain.from_json)
     reference.png                                       the reference patch or image
     before_after.png                                    samples of both sources under every method
     summary.json                                        patches per file, and how many were left
                                                         unchanged (too little tissue to estimate stains)
 
-Reference `auto`: the pooled stain estimate of 64 seeded random PCam training patches (one 96x96
-patch gives a noisy stain matrix), so both datasets move to PCam's colours. Patches too poor in tissue
-to estimate their own stains are returned unchanged and counted.
+Reference `auto`: the pooled stain estimate of `normalize.reference_patches` seeded random PCam training
+patches (one 96x96 patch gives a noisy stain matrix), so both datasets move to PCam's colours. Patches
+too poor in tissue to estimate their own stains are returned unchanged and counted.
 
-`normalize.keep_residual` (Macenko, Vahadane): false (torchstain / staintools, the thesis) rebuilds each
+`normalize.<method>.keep_residual` (Macenko, Vahadane): false (torchstain / staintools, the thesis) rebuilds each
 patch from its two stains alone, losing the colour a 2-stain model cannot represent (1-8 grey levels
 mean on real H&E, the reference included); true adds that residual back, so the reference maps to
 itself exactly, but also keeps non-H&E colour (pigment, JPEG artefacts) that may tell sources apart.
@@ -29,9 +29,12 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import cv2
+import h5py
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from common import cli, plots, stain
@@ -40,55 +43,72 @@ from common.patchset import PatchSet, read_patch_set, write_patch_set
 from common.steps import begin_step, provenance, require_step, write_json, write_summary
 
 STEP = "03_normalize"
-AUTO_REFERENCE_PATCHES = 64
+# Knobs every method takes (normalize.<knob>); each method's own are under normalize.<method>.
+SHARED_KNOBS = ("fit_scope", "min_tissue_fraction", "min_eigen_ratio", "group_max_patches")
 
 
-def load_reference(cfg: dict, pcam_train: PatchSet) -> tuple[np.ndarray, str]:
-    """The reference: uint8 (H, W, 3) RGB from a file, or for `auto` uint8 (K, 96, 96, 3) PCam training
-    patches whose pooled stain estimate is the target (one 96x96 patch is too noisy to trust)."""
+def input_sets(cfg: dict) -> dict[str, Path]:
+    """The patch sets 03 normalises, name -> path; every name becomes <method>/<name>.h5."""
+    pcam_dir = require_step(cfg, "01_filter_pcam", outputs=[f"{s}.h5" for s in ("train", "valid", "test")])
+    sets = {f"pcam_{s}": pcam_dir / f"{s}.h5" for s in ("train", "valid", "test")}
+    sets["dlbcl"] = require_step(cfg, "02_tile_dlbcl", outputs=["dlbcl.h5"]) / "dlbcl.h5"
+    return sets
+
+
+def make_normalizers(nc: dict) -> dict[str, stain.StainNormalizer]:
+    """One unfitted normaliser per method in normalize.methods, with its knobs from the config."""
+    shared = {knob: nc[knob] for knob in SHARED_KNOBS}
+    return {method: stain.make_normalizer(method, **shared, **nc.get(method, {})) for method in nc["methods"]}
+
+
+def load_reference(cfg: dict, pcam_train: Path) -> tuple[np.ndarray, str]:
+    """The reference: uint8 (H, W, 3) RGB from a file, or for `auto` uint8 (K, 96, 96, 3) seeded random
+    PCam training patches whose pooled stain estimate is the target (one 96x96 patch is too noisy)."""
     ref = cfg["normalize"]["reference"]
     if ref != "auto":
         image = cv2.imread(ref, cv2.IMREAD_COLOR)
         if image is None:
             raise UserError(f"config key normalize.reference = {ref!r}: not a readable image")
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), ref
-    rng = np.random.default_rng(cfg["run"]["seed"])
-    chosen = np.sort(rng.choice(len(pcam_train), min(AUTO_REFERENCE_PATCHES, len(pcam_train)), replace=False))
-    return pcam_train.x[chosen], f"auto: {len(chosen)} random PCam train patches, pooled"
+    with h5py.File(pcam_train, "r") as f:
+        n = len(f["y"])
+        if n == 0:
+            raise UserError(f"{pcam_train} holds no patches")
+        rng = np.random.default_rng(cfg["run"]["seed"])
+        chosen = np.sort(rng.choice(n, min(cfg["normalize"]["reference_patches"], n), replace=False))
+        return f["x"][chosen], f"auto: {len(chosen)} random PCam train patches, pooled"
 
 
 def main(argv: list[str] | None = None) -> int:
     started = time.time()
     cfg, device = cli.start(argv, __doc__, STEP)
     nc = cfg["normalize"]
-    pcam_dir = require_step(cfg, "01_filter_pcam", outputs=[f"{s}.h5" for s in ("train", "valid", "test")])
-    inputs = {f"pcam_{s}": pcam_dir / f"{s}.h5" for s in ("train", "valid", "test")}
-    inputs["dlbcl"] = require_step(cfg, "02_tile_dlbcl", outputs=["dlbcl.h5"]) / "dlbcl.h5"
+    inputs = input_sets(cfg)
     out = begin_step(cfg, STEP)
+    # Chunks of patches run side by side, each single-threaded: faster than torch's intra-op threads.
+    workers = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    # ---- fit every method to the reference
+    reference, ref_from = load_reference(cfg, inputs["pcam_train"])
+    plots.contact_sheet(out / "reference.png", reference if reference.ndim == 4 else reference[None], ncols=8)
+    print(f"   reference {ref_from}; fit scope {nc['fit_scope']}; methods {', '.join(nc['methods'])}")
+    normalizers = {method: normalizer.fit(reference) for method, normalizer in make_normalizers(nc).items()}
+    for method, normalizer in normalizers.items():
+        (out / method).mkdir(exist_ok=True)
+        write_json(out / method / "normalizer.json", {"reference": ref_from, "state": normalizer.to_json()})
+
+    # ---- normalise every patch set: one in memory at a time (PCam train: 7.3 GB) with one normalised copy
     rng = np.random.default_rng(cfg["run"]["seed"])
     shown = {"pcam_train": "pcam", "dlbcl": "dlbcl"}  # file -> source, for the before/after figure
-    samples, counts, normalizers = {}, {method: {} for method in nc["methods"]}, {}
-    # One patch set in memory at a time (PCam train: 7.3 GB) with one normalised copy beside it;
-    # pcam_train comes first and gives the auto reference.
+    samples, counts = {}, {method: {} for method in nc["methods"]}
     for name, path in inputs.items():
         ps = read_patch_set(path)
-        if name == "pcam_train":
-            if len(ps) == 0:
-                raise UserError(f"{path} holds no patches")
-            reference, ref_from = load_reference(cfg, ps)
-            plots.contact_sheet(out / "reference.png", reference if reference.ndim == 4 else reference[None], ncols=8)
-            print(f"   reference {ref_from}; fit scope {nc['fit_scope']}; methods {', '.join(nc['methods'])}")
-            for method in nc["methods"]:
-                extra = {"keep_residual": nc["keep_residual"]} if method in ("macenko", "vahadane") else {}
-                normalizers[method] = stain.make_normalizer(method, fit_scope=nc["fit_scope"], **extra).fit(reference)
-                (out / method).mkdir(exist_ok=True)
-                write_json(out / method / "normalizer.json",
-                           {"reference": ref_from, "state": normalizers[method].to_json()})
         show = np.sort(rng.choice(len(ps), min(8, len(ps)), replace=False)) if name in shown else None
         for method, normalizer in tqdm(normalizers.items(), desc=f"normalise {name}", unit="method"):
             t0 = time.time()
-            busy = method != "none" and len(ps) > 0
-            x = normalizer.transform(ps.x, groups=ps.group, device=str(device)) if busy else ps.x
+            busy = normalizer.changes_pixels and len(ps) > 0
+            x = normalizer.transform(ps.x, groups=ps.group, device=str(device), workers=workers) if busy else ps.x
             if x.shape != ps.x.shape or x.dtype != np.uint8:
                 raise RuntimeError(f"{method} returned {x.dtype} {x.shape} for {ps.x.shape}")
             attrs = {**ps.attrs, "provenance": provenance(cfg, STEP)}

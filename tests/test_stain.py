@@ -14,7 +14,7 @@ import torch
 import torchstain  # reference libraries: installed by make test, required (no skip)
 from staintools.stain_extraction.vahadane_stain_extractor import VahadaneStainExtractor
 
-from common import stain
+from common import stain, stain_ops, stain_reinhard, stain_vahadane
 
 REAL = Path(__file__).resolve().parent / "data"
 HE = REAL / "he"
@@ -42,7 +42,7 @@ def target() -> np.ndarray:
 
 
 @cache
-def fitted_to_target(method: str) -> stain.Normalizer:
+def fitted_to_target(method: str) -> stain.StainNormalizer:
     """One fit per method on torchstain's target image, shared by the tests (fits cost seconds)."""
     return stain.make_normalizer(method).fit(read_rgb(HE / "torchstain" / "target.png"))
 
@@ -133,7 +133,7 @@ def test_nonneg_lasso_matches_sklearn():
     stains /= np.linalg.norm(stains, axis=1, keepdims=True)
     od = rng.uniform(0.0, 1.5, (3, 80)).astype(np.float32)
     od[:, :20] = 0.01  # near-empty pixels: both concentrations must be 0
-    got = stain._nonneg_lasso(torch.tensor(stains)[None], torch.tensor(od)[None], 0.05)[0].numpy()
+    got = stain_vahadane.nonneg_lasso(torch.tensor(stains)[None], torch.tensor(od)[None], 0.05)[0].numpy()
     # sklearn minimises ||y - Xw||^2 / (2 * n_samples) + alpha * ||w||_1 with n_samples = 3 channels.
     model = Lasso(alpha=0.05 / 3, positive=True, fit_intercept=False, tol=1e-10, max_iter=100000)
     for pixel in range(od.shape[1]):
@@ -228,7 +228,7 @@ def test_batch_equals_per_image_and_json_round_trip(method, target):
     batch = normalizer.transform(tiles)
     singles = np.concatenate([normalizer.transform(tile[None]) for tile in tiles])
     np.testing.assert_array_equal(batch, singles)
-    restored = stain.Normalizer.from_json(normalizer.to_json())
+    restored = stain.from_json(normalizer.to_json())
     np.testing.assert_array_equal(restored.transform(tiles), batch)
     if method != "none":
         assert not np.array_equal(batch[:len(TISSUE_TILES)], tiles[:len(TISSUE_TILES)])
@@ -264,31 +264,31 @@ def test_percentile_matches_numpy_on_masked_rows():
     values[:, :40] = np.round(values[:, :40])  # ties
     mask = rng.random((6, 500)) < np.array([1.0, 0.9, 0.5, 0.1, 0.03, 0.02])[:, None]
     for q in (1.0, 37.5, 99.0, 100.0):
-        got = stain._percentile(torch.from_numpy(values), torch.from_numpy(mask), q).numpy()
+        got = stain_ops.percentile(torch.from_numpy(values), torch.from_numpy(mask), q).numpy()
         expected = [np.percentile(row[keep].astype(np.float64), q) for row, keep in zip(values, mask, strict=True)]
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
-        everywhere = stain._percentile(torch.from_numpy(values), None, q).numpy()
+        everywhere = stain_ops.percentile(torch.from_numpy(values), None, q).numpy()
         np.testing.assert_allclose(everywhere, np.percentile(values.astype(np.float64), q, axis=1), rtol=1e-6,
                                    atol=1e-6)
 
 
 def test_reinhard_tissue_covariance_equals_the_od_route():
     tiles = pcam_tiles(TISSUE_TILES[:3] + ["pcam_r0_c06"])
-    tissue = torch.from_numpy(stain._luminosity_mask(stain._lab8(tiles), 0.8))
-    od = stain._optical_density(tiles, 255.0, 0.0, "cpu")
+    tissue = torch.from_numpy(stain_ops.luminosity_mask(stain_ops.lab8(tiles), 0.8))
+    od = stain_ops.optical_density(tiles, 255.0, 0.0, "cpu")
     weight = tissue.double()[:, None, :]
     count = tissue.sum(dim=1).double()
     mean = (od.double() * weight).sum(dim=2) / count[:, None]
     centred = (od.double() - mean[:, :, None]) * weight
     expected = centred @ centred.transpose(1, 2) / (count - 1)[:, None, None]  # float64 reference
-    got = stain._tissue_od_covariance(tiles, tissue)
+    got = stain_reinhard.tissue_od_covariance(tiles, tissue)
     np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-9)
     # and bit-identical to the full-OD route the other methods use
-    assert torch.equal(stain._eigen_ratio(got)[2], stain._second_eigen_ratio(od, tissue)[2])
+    assert torch.equal(stain_ops.eigen_ratio(got)[2], stain_ops.tissue_od_eigen(od, tissue)[2])
 
 
 @pytest.mark.parametrize("method", ["macenko", "vahadane", "reinhard"])
-def test_output_does_not_depend_on_the_thread_count(method):
+def test_output_does_not_depend_on_workers_or_threads(method):
     rng = np.random.default_rng(11)
     tiles = pcam_tiles(TISSUE_TILES)[rng.integers(0, len(TISSUE_TILES), 120), :48, :48]  # 2 chunks (<= 85 each)
     normalizer = fitted_to_target(method)
@@ -296,12 +296,14 @@ def test_output_does_not_depend_on_the_thread_count(method):
     try:
         torch.set_num_threads(1)
         serial = normalizer.transform(tiles)
+        parallel = normalizer.transform(tiles, workers=2)
+        assert torch.get_num_threads() == 1  # the library leaves the thread count to the caller
         torch.set_num_threads(2)
-        parallel = normalizer.transform(tiles)
-        assert torch.get_num_threads() == 2  # restored after the chunk workers
+        intra_op = normalizer.transform(tiles)
     finally:
         torch.set_num_threads(threads)
     np.testing.assert_array_equal(parallel, serial)
+    np.testing.assert_array_equal(intra_op, serial)
 
 
 # ------------------------------------------------------------------ robustness
@@ -384,7 +386,7 @@ def test_user_mistakes_raise_stain_error(target):
     with pytest.raises(stain.StainError, match="too little tissue"):
         stain.make_normalizer("vahadane").fit(np.full((64, 64, 3), 250, np.uint8))
     with pytest.raises(stain.StainError, match="not a saved"):
-        stain.Normalizer.from_json("{}")
+        stain.from_json("{}")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -405,7 +407,33 @@ def test_device_code_path_equals_the_cpu_kernels(method, keep_residual, target, 
     tiles = np.concatenate([pcam_tiles(TISSUE_TILES), np.stack(list(edge_patches().values()))])
     fast = normalizer.transform(tiles)
     fast_unchanged = normalizer.n_unchanged
-    monkeypatch.setattr(stain, "CPU_KERNELS", False)
+    monkeypatch.setattr(stain_ops, "CPU_KERNELS", False)
     generic = normalizer.transform(tiles)
     np.testing.assert_array_equal(generic, fast)
     assert normalizer.n_unchanged == fast_unchanged == len(edge_patches())
+
+
+# ------------------------------------------------------------------ config knobs
+KNOBS = [("macenko", "macenko.beta", 0.3), ("macenko", "macenko.alpha", 5.0), ("macenko", "macenko.io", 250.0),
+         ("macenko", "macenko.keep_residual", True), ("macenko", "min_eigen_ratio", 0.017),
+         ("vahadane", "vahadane.dictionary_lambda", 0.3), ("vahadane", "vahadane.concentration_lambda", 0.1),
+         ("vahadane", "vahadane.luminosity_threshold", 0.6), ("vahadane", "vahadane.n_iterations", 2),
+         ("vahadane", "vahadane.max_fit_pixels", 64), ("vahadane", "vahadane.seed", 3),
+         ("reinhard", "reinhard.luminosity_threshold", 0.4), ("reinhard", "min_tissue_fraction", 0.6)]
+
+
+@pytest.mark.parametrize("method,knob,value", KNOBS)
+def test_every_config_knob_is_settable_and_changes_the_output(method, knob, value, target):
+    """`--set normalize.<knob>=<value>` reaches the normaliser 03 builds and changes its output."""
+    from common.config import load_config
+    from tests.conftest import ROOT, load_script
+    script = load_script("03_normalize")
+    tiles = pcam_tiles(TISSUE_TILES + ["pcam_r0_c06", "pcam_r0_c11"])
+
+    def normalised(overrides: list[str]) -> np.ndarray:
+        cfg = load_config(ROOT / "config.yaml", [f"normalize.methods=[{method}]", *overrides])
+        return script.make_normalizers(cfg["normalize"])[method].fit(target).transform(tiles)
+
+    default, changed = normalised([]), normalised([f"normalize.{knob}={str(value).lower()}"])
+    assert mean_abs(changed, default) > 0.1
+    np.testing.assert_array_equal(default, fitted_to_target(method).transform(tiles))  # config = library defaults
