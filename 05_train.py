@@ -1,10 +1,11 @@
 """05 · Train a ResNet classifier with a plain PyTorch loop (thesis §5.4).
 
-Tasks (train.task): pcam (binary), dlbcl (binary), mixed (0 negative, 1 breast metastasis,
-2 lymphoma). Splits are grouped by slide/patient by default (no leak); `train.split: random`
-reproduces the thesis. Thesis defaults: Adam lr 1e-4, weight decay 1e-3, batch 64, <= 100 epochs,
-ReduceLROnPlateau on the validation loss (factor 0.1, patience 5), early stopping (patience 20),
-flips and rotations, inputs normalised with the training set's mean/std.
+The task (`train.task`, one entry of the config's `tasks:`) says which patch sets to read, their
+classes and how to split them; config.yaml's are the thesis's binary and 3-class tasks, their DLBCL
+parts split by patient (no leak) unless a task's `split: random` reproduces the thesis.
+Thesis defaults: Adam lr 1e-4, weight decay 1e-3, batch 64, <= 100 epochs, ReduceLROnPlateau on the
+validation loss (factor 0.1, patience 5), early stopping (patience 20), flips and
+rotations, inputs normalised with the training set's mean/std.
 
 The whole training set sits in memory as uint8; batches are cut by indexing and augmented on the
 device. Channels-last memory format (CPU and GPU), bf16 autocast on CUDA, optional torch.compile, DDP
@@ -40,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from common import cli, data, engine, models, plots
-from common.config import UserError
+from common.config import UserError, public
 from common.steps import json_text, require_step, write_experiments_summary, write_json, write_summary
 
 STEP = "05_train"
@@ -152,18 +153,20 @@ def main(argv: list[str] | None = None) -> int:
     cfg, device = cli.start(argv, __doc__, STEP)
     rank, world, device = setup_distributed(device)
     tc, seed = cfg["train"], cfg["run"]["seed"]
+    task = cfg["tasks"][tc["task"]]
+    class_names = task["classes"]
     folder = engine.experiment_dir(cfg)
     source = require_step(cfg, "03_normalize") / tc["method"]
-    if not (source / "dlbcl.h5").is_file():
+    if not source.is_dir():
         raise UserError(f"{source} has no patch sets: add {tc['method']!r} to normalize.methods and rerun 03")
-    require_step(cfg, "03_normalize", outputs=[f"{tc['method']}/{stem}.h5" for stem in data.SET_STEMS])
+    require_step(cfg, "03_normalize", outputs=[f"{tc['method']}/{stem}.h5" for stem in task["sets"]])
     checkpoint = resume_from(tc, folder)
 
     # ---- model, optimiser, scheduler
-    model = models.build_model(tc["model"], engine.num_outputs(tc["task"]), tc["weights"]).to(device)
+    model = models.build_model(tc["model"], engine.num_outputs(len(class_names)), tc["weights"]).to(device)
     if tc["channels_last"]:  # faster on GPUs and, measured, on CPUs (bench: channels_last)
         model = model.to(memory_format=torch.channels_last)
-    criterion = engine.loss_fn(tc["task"])
+    criterion = engine.loss_fn(len(class_names))
     optimizer = torch.optim.Adam(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=tc["lr_factor"],
                                                            patience=tc["lr_patience"])
@@ -183,26 +186,23 @@ def main(argv: list[str] | None = None) -> int:
     if checkpoint is None and rank == 0:  # a fresh start: no checkpoint of an earlier run may survive
         for name in ("last.pt", "best_acc.pt", "best_loss.pt"):
             (folder / name).unlink(missing_ok=True)
-        cols = data.make_split(tc["task"], source, tc["split"], tc["split_fractions"], tc["mixed_size"], seed)
+        cols = data.make_split(task, source, seed)
         data.write_split(folder / "split.csv", cols)
     if world > 1:
         dist.barrier()
     cols = data.read_split(folder / "split.csv")
     train = data.load_split(cols, "train", source, limit=tc["max_train_patches"], seed=seed)
     valid = data.load_split(cols, "valid", source)
-    class_names = data.CLASS_NAMES[tc["task"]]
     mean, std = data.mean_std(train.x)
     counts = {s: np.bincount(cols["label"][cols["split"] == s], minlength=len(class_names)).tolist()
               for s in data.SPLITS}
     meta = {"task": tc["task"], "class_names": class_names, "model": tc["model"], "method": tc["method"],
             "mean": mean.tolist(), "std": std.tolist(), "counts_per_split": counts,
-            "split": "official" if tc["task"] == "pcam" else tc["split"]}  # PCam keeps its official splits
+            "split": task["split"]}
     if rank == 0:
         write_json(folder / "experiment.json", meta)
         print(f"   experiment {folder.name}: {tc['task']} on {tc['method']}, classes {class_names}, "
               f"{meta['split']} split")
-        if tc["task"] == "pcam" and tc["split"] == "random":
-            print("   note: train.split=random applies to dlbcl and mixed; pcam keeps its official splits")
         print(f"   patches per split and class: {counts}; training on {len(train)}")
 
     net = model
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             engine.save_checkpoint(folder / "last.pt", {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), **state, "rng_torch": torch.get_rng_state(),
-                "config": {k: v for k, v in cfg.items() if not k.startswith("_")}, "experiment": meta})
+                "config": public(cfg), "experiment": meta})
             for name, better in (("best_acc", better_acc), ("best_loss", better_loss)):
                 if better:
                     shutil.copyfile(folder / "last.pt", folder / f"{name}.pt")

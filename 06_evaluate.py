@@ -6,13 +6,15 @@ Writes (runs/<run>/06_evaluate/<experiment>/):
     metrics.json      accuracy, balanced_accuracy, auc, per_class P/R/F1, confusion_matrix,
                       bootstrap 95 % CIs (ci95: resampling slides/patients, as patches of one
                       patient are correlated; ci95_patches: resampling patches, narrower, for
-                      comparison with papers that do so), for `mixed` a per-source breakdown, and
+                      comparison with papers that do so), for a task of several sources (`mixed`) a
+                      per-source breakdown, and
                       colour_baseline_accuracy: a classifier on per-patch mean colour alone (how much
                       of the task colour gives away; the model should beat it by far)
     predictions.csv   file, index, group, source, label, p_<class> per class, logp_<class> per class
                       (the log-probabilities all metrics are computed from: they never saturate), pred
     roc.png, confusion.png
-    tables.md         Table 1 (binary) or Table 2 (mixed) layout, the thesis's values beside ours
+    tables.md         ours beside the task's published reference (config.yaml: the thesis's Table 1
+                      for pcam and dlbcl, Table 2 for mixed)
     summary.json
 
 Usage:
@@ -35,33 +37,24 @@ from common.steps import atomic_path, require_step, step_dir, write_experiments_
 
 STEP = "06_evaluate"
 COLOUR_BASELINE_PATCHES = 20000
-# Thesis Tables 1-2: (task, model) -> {class: (P, R, F1)} and accuracy, in %
-THESIS = {
-    ("pcam", "resnet18"): ({"metastasis": (94.9, 77.2, 85.1), "negative": (80.8, 95.8, 87.7)}, 86.5),
-    ("pcam", "resnet50"): ({"metastasis": (91.7, 71.6, 80.4), "negative": (76.7, 93.5, 84.3)}, 82.5),
-    ("dlbcl", "resnet18"): ({"lymphoma": (92.5, 99.0, 95.7), "negative": (98.9, 92.0, 95.3)}, 95.5),
-    ("dlbcl", "resnet50"): ({"lymphoma": (78.1, 99.4, 87.5), "negative": (99.2, 72.2, 83.6)}, 85.8),
-    ("mixed", "resnet18"): ({"breast": (96.5, 89.4, 92.8), "lymphoma": (74.1, 97.4, 84.2),
-                             "negative": (92.5, 81.4, 86.6)}, 87.4),
-    ("mixed", "resnet50"): ({"breast": (98.0, 86.2, 91.7), "lymphoma": (60.4, 97.4, 74.6),
-                             "negative": (89.4, 67.4, 76.9)}, 79.6),
-}
 
 
-def thesis_table(task: str, model: str, m: dict) -> str:
-    """One row for us and one for the thesis, in Table 1 (binary) or Table 2 (mixed) layout."""
-    classes = ["breast", "lymphoma", "negative"] if task == "mixed" else [data.CLASS_NAMES[task][1], "negative"]
-    heads = ["Positive" if c != "negative" and task != "mixed" else c.capitalize() for c in classes]
-    title = "Table 2 (3-class, mixed)" if task == "mixed" else f"Table 1 (binary, {task})"
-    lines = [f"## {title}", "", "| | Model | " + " | ".join(f"{h} P/R/F1" for h in heads) + " | Accuracy |",
-             "|---|---|" + "---|" * (len(classes) + 1)]
+def results_table(name: str, task: dict, model: str, m: dict) -> str:
+    """Our row and, where the task's `reference` has this model (the thesis's Tables 1-2 in config.yaml),
+    the published one, in the reference's layout (its class order)."""
+    ref = task.get("reference")
+    classes = list(ref["models"][model]["per_class"]) if ref and model in ref["models"] else task["classes"]
+    title = ref["table"] if ref else f"Results ({name})"
+    lines = [f"## {title}", "", "| | Model | " + " | ".join(f"{c.capitalize()} P/R/F1" for c in classes)
+             + " | Accuracy |", "|---|---|" + "---|" * (len(classes) + 1)]
     ours = " | ".join("/".join(f"{100 * m['per_class'][c][k]:.1f}" for k in ("precision", "recall", "f1"))
                       for c in classes)
     lines.append(f"| ours | {model} | {ours} | {100 * m['accuracy']:.1f} |")
-    if (task, model) in THESIS:
-        ref, acc = THESIS[(task, model)]
-        lines.append(f"| thesis | {model} | " + " | ".join("/".join(f"{v:.1f}" for v in ref[c]) for c in classes)
-                     + f" | {acc:.1f} |")
+    if ref and model in ref["models"]:
+        row = ref["models"][model]
+        lines.append(f"| published | {model} | " + " | ".join("/".join(f"{v:.1f}" for v in row["per_class"][c])
+                                                            for c in classes) + f" | {row['accuracy']:.1f} |")
+        lines += ["", f"Published: {ref['citation']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -110,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                                      groups=patient)
     m["ci95_groups"] = int(len(np.unique(patient)))
     m["ci95_patches"] = metrics.bootstrap_ci(test.label, scores, class_names, n_boot=ec["n_bootstrap"], seed=seed)
-    if meta["task"] == "mixed":
+    if len(np.unique(test.source)) > 1:
         m["per_source"] = {src: {"n": int((test.source == src).sum()),
                                  "accuracy": float((scores.argmax(1) == test.label)[test.source == src].mean())}
                            for src in np.unique(test.source)}
@@ -120,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(folder / "metrics.json", m)
     plots.roc_curves(folder / "roc.png", metrics.roc_points(test.label, scores, class_names), folder.name)
     plots.confusion(folder / "confusion.png", np.array(m["confusion_matrix"]), class_names, folder.name)
-    table = thesis_table(meta["task"], meta["model"], m) + (
+    table = results_table(meta["task"], cfg["tasks"][meta["task"]], meta["model"], m) + (
         f"\nColour-only baseline (logistic regression on per-patch mean RGB): "
         f"{100 * m['colour_baseline_accuracy']:.1f} % accuracy.\n")
     with atomic_path(folder / "tables.md") as tmp:

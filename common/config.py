@@ -4,6 +4,10 @@ Every script reads the same file (`config.yaml` by default). A config may name a
 values it overrides (`configs/demo.yaml` names `../config.yaml`), and `--set key.sub=value`
 overrides (repeatable) are parsed as YAML scalars and type-checked — never executed.
 
+Sections are optional: a config holds the sections its runs read (keys inside a section are all
+required), and reading an absent one is a one-line error naming it. `tasks:` maps task names of the
+user's choosing to their definitions (`TASK`); `train.task` names one of them.
+
 Validation fails with one line naming the dotted key, the offending value and what is allowed
 (with a did-you-mean for a misspelt key). Relative paths resolve against the folder of the file
 that set them; `--set` paths resolve against the current directory.
@@ -47,6 +51,7 @@ class Field:
     hint: str | None = None  # what is allowed, in words, where the pattern says it badly
     min_items: int = 0  # for "list": the fewest items that make sense (1: an empty list is an error)
     placeholders: tuple | None = None  # for "str": the only {name} fields it may hold (filled in by str.format)
+    optional: bool = False  # the key may be left out of its section
 
     def describe(self) -> str:
         if self.hint:
@@ -77,9 +82,45 @@ def _f(kind: str, **kw) -> Field:
     return Field(kind, **kw)
 
 
+@dataclass(frozen=True)
+class Each:
+    """A mapping from names the user chooses (task names, patch-set stems, model names) to values that
+    each match `spec` (a Field, a schema dict or another Each)."""
+
+    spec: Any
+
+
+@dataclass(frozen=True)
+class OptionalSection:
+    """A nested section (schema dict `keys`) that may be left out of its parent."""
+
+    keys: dict
+
+
 UNIT = dict(minimum=0.0, maximum=1.0)
 METHODS = ("none", "macenko", "vahadane", "reinhard")
 SPLITS = ("train", "valid", "test")
+
+# One task of `tasks:` (config.yaml explains each key).
+TASK = {
+    "classes": _f("list", item=_f("str"), min_items=2),
+    "sets": Each({  # 03's patch sets by file stem, in the order they are read
+        "source": _f("str"),
+        "split": _f("choice", choices=SPLITS, optional=True),  # the set's official split
+        "labels": _f("list", item=_f("str", nullable=True), min_items=1),  # class per source label; null drops
+    }),
+    "split": _f("choice", choices=("official", "grouped", "random")),
+    "split_fractions": _f("list", item=_f("float", minimum=0.0, maximum=1.0)),
+    "balanced_size": _f("int", minimum=1, nullable=True),
+    "reference": OptionalSection({  # published results that 06 shows beside ours
+        "table": _f("str"),
+        "citation": _f("str"),
+        "models": Each({  # by model name, in %
+            "accuracy": _f("float"),
+            "per_class": Each(_f("list", item=_f("float"), min_items=3)),  # class -> [precision, recall, F1]
+        }),
+    }),
+}
 
 # The schema mirrors config.yaml, where every key is commented with its unit and meaning.
 SCHEMA: dict[str, Any] = {
@@ -94,7 +135,7 @@ SCHEMA: dict[str, Any] = {
         "pcam_dir": _f("path"),
         "dlbcl_dir": _f("path"),
     },
-    "demo": {
+    "demo": {  # only in configs/demo.yaml: `python -m common.demo` reads it
         "out_dir": _f("path"),
         "pcam_per_split": {s: _f("int", minimum=1) for s in SPLITS},
         "dlbcl_slides": _f("int", minimum=1),
@@ -161,7 +202,7 @@ SCHEMA: dict[str, Any] = {
         "batch_size": _f("int", minimum=1),
     },
     "train": {
-        "task": _f("choice", choices=("pcam", "dlbcl", "mixed")),
+        "task": _f("str"),  # a key of `tasks` (checked in _check_tasks)
         "experiment": _f("str", pattern=r"^[A-Za-z0-9_.{}-]+$", placeholders=("task", "model"),
                          hint="a folder name; {task} and {model} are filled in"),
         "method": _f("choice", choices=METHODS),
@@ -174,9 +215,6 @@ SCHEMA: dict[str, Any] = {
         "lr_factor": _f("float", minimum=0.0, maximum=1.0),
         "lr_patience": _f("int", minimum=0),
         "early_stopping_patience": _f("int", minimum=1),
-        "split": _f("choice", choices=("grouped", "random")),
-        "split_fractions": _f("list", item=_f("float", minimum=0.0, maximum=1.0)),
-        "mixed_size": _f("int", minimum=3),
         "max_train_patches": _f("int", minimum=1, nullable=True),
         "augment_flips": _f("bool"),
         "augment_rot90": _f("bool"),
@@ -194,6 +232,7 @@ SCHEMA: dict[str, Any] = {
         "n_per_cell": _f("int", minimum=1),
         "center_px": _f("int", minimum=1),
     },
+    "tasks": Each(TASK),
 }
 
 
@@ -306,8 +345,26 @@ def _check(value: Any, spec: Field, dotted: str) -> Any:
     return value
 
 
+def _check_node(value: Any, spec: Any, dotted: str) -> Any:
+    """Validate one value against a Field, a schema dict, an OptionalSection or an Each."""
+    if isinstance(spec, Field):
+        return _check(value, spec, dotted)
+    if isinstance(spec, Each):
+        if not isinstance(value, dict) or not value:
+            raise UserError(f"config key {dotted} must be a non-empty mapping of names, got {value!r}")
+        return {str(name): _check_node(v, spec.spec, f"{dotted}.{name}") for name, v in value.items()}
+    return validate(value, spec.keys if isinstance(spec, OptionalSection) else spec, dotted + ".")
+
+
+def _may_be_left_out(spec: Any) -> bool:
+    return isinstance(spec, OptionalSection) or (isinstance(spec, Field) and spec.optional)
+
+
 def validate(tree: dict, schema: dict = SCHEMA, prefix: str = "") -> dict:
     """Check every key of `tree` against `schema`; return a copy with normalised values.
+
+    Top-level sections may be absent (a run reads only its own); inside a section every key is
+    required unless its spec is optional.
 
     Raises:
         UserError: an unknown key (with a did-you-mean), a missing key, or a bad value.
@@ -321,15 +378,56 @@ def validate(tree: dict, schema: dict = SCHEMA, prefix: str = "") -> dict:
             close = difflib.get_close_matches(str(key), list(schema), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             raise UserError(f"unknown config key {dotted}{hint}")
-        spec = schema[key]
-        if isinstance(spec, dict):
-            out[key] = validate(value, spec, dotted + ".")
-        else:
-            out[key] = _check(value, spec, dotted)
-    missing = [k for k in schema if k not in tree]
+        out[key] = _check_node(value, schema[key], dotted)
+    missing = [k for k in schema if k not in tree and prefix and not _may_be_left_out(schema[k])]
     if missing:
         raise UserError(f"config is missing key {prefix}{missing[0]}")
     return out
+
+
+def _check_tasks(cfg: dict) -> None:
+    """What the schema cannot say about `tasks` and `train.task`: labels name the task's classes, every
+    class comes from some set, an `official` split names each set's split, three positive fractions."""
+    tasks = cfg.get("tasks", {})
+    for name, task in tasks.items():
+        at = f"tasks.{name}"
+        fractions = task["split_fractions"]
+        if len(fractions) != 3 or min(fractions) <= 0:
+            raise UserError(f"config key {at}.split_fractions = {fractions} is invalid: expected three positive "
+                            f"numbers (train, valid, test)")
+        if len(set(task["classes"])) != len(task["classes"]):
+            raise UserError(f"config key {at}.classes = {task['classes']} is invalid: names repeat")
+        produced = set()
+        for stem, spec in task["sets"].items():
+            unknown = [c for c in spec["labels"] if c is not None and c not in task["classes"]]
+            if unknown:
+                raise UserError(f"config key {at}.sets.{stem}.labels names {unknown[0]!r}, which is not in "
+                                f"{at}.classes {task['classes']}")
+            if task["split"] == "official" and "split" not in spec:
+                raise UserError(f"config key {at}.split = official needs {at}.sets.{stem}.split (train, valid or "
+                                f"test)")
+            produced |= set(spec["labels"]) - {None}
+        absent = [c for c in task["classes"] if c not in produced]
+        if absent:
+            raise UserError(f"config key {at}.classes: no set's labels give class {absent[0]!r}")
+        for model, row in task.get("reference", {}).get("models", {}).items():
+            if sorted(row["per_class"]) != sorted(task["classes"]):
+                raise UserError(f"config key {at}.reference.models.{model}.per_class must name the classes "
+                                f"{task['classes']}, got {list(row['per_class'])}")
+    if "train" in cfg and cfg["train"]["task"] not in tasks:
+        task = cfg["train"]["task"]
+        close = difflib.get_close_matches(task, list(tasks), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(f"config key train.task = {task!r} is invalid: expected one of the tasks "
+                        f"({', '.join(tasks) or 'none defined'}){hint}")
+
+
+class Config(dict):
+    """The validated config: nested dicts, plus a one-line error for a section the file left out."""
+
+    def __missing__(self, key: str):
+        raise UserError(f"config {self.get('_config_path', '')} has no '{key}:' section, which this run reads "
+                        f"(see config.yaml, or configs/demo.yaml for demo:)")
 
 
 def _read_yaml(path: Path) -> dict:
@@ -383,7 +481,7 @@ def load_config(path: str | Path = "config.yaml", overrides: list[str] | tuple =
         overrides: `key.sub=value` strings, applied last.
 
     Returns:
-        The validated config as nested dicts, paths absolute, plus `_config_path`.
+        The validated config (a `Config`: nested dicts, paths absolute) plus `_config_path`.
     """
     path = Path(path)
     tree = _load_tree(path)
@@ -392,8 +490,8 @@ def load_config(path: str | Path = "config.yaml", overrides: list[str] | tuple =
         key, value = parse_override(text)
         _set_dotted(set_tree, key, value)
     _resolve_paths(set_tree, SCHEMA, Path.cwd())
-    cfg = validate(_merge(tree, set_tree))
-    cfg["_config_path"] = str(path.resolve())
+    cfg = Config(validate(_merge(tree, set_tree)), _config_path=str(path.resolve()))
+    _check_tasks(cfg)
     return cfg
 
 

@@ -1,13 +1,10 @@
 """Tasks, leak-free splits, in-memory batches and on-device augmentation for 05, 06 and 07.
 
-Tasks (`train.task`):
-    pcam   binary, PCam's official train/valid/test splits (no slide is in two of them);
-    dlbcl  binary, patients split train/valid/test by `train.split_fractions`;
-    mixed  3 classes — 0 negative (both sources), 1 breast metastasis (PCam positive),
-           2 lymphoma (DLBCL positive) — `train.mixed_size` patches, class-balanced, negatives half
-           from each source; PCam keeps its official splits, DLBCL is split by patient.
-`train.split: random` instead splits patches at random (the thesis; one patient can then sit in
-train and test).
+A task (one entry of the config's `tasks:`, see config.yaml) names the patch sets it reads, maps each
+source's labels to its classes, and says how to split them: `official` (each set keeps its own split),
+`grouped` (sets without an official split are split by group, so no slide or patient is in two splits)
+or `random` (patches at random, the thesis; one patient can then sit in train and test), optionally
+class-balanced to `balanced_size` patches.
 
 The split is written to the experiment folder as `split.csv` (split, file, index, group, source,
 label) and read back by 06 and 07, so they see exactly the patches 05 used.
@@ -25,16 +22,9 @@ import h5py
 import numpy as np
 import torch
 
-from common.config import UserError
+from common.config import SPLITS, UserError
 from common.steps import atomic_path
 
-CLASS_NAMES = {
-    "pcam": ["negative", "metastasis"],
-    "dlbcl": ["negative", "lymphoma"],
-    "mixed": ["negative", "breast", "lymphoma"],
-}
-SPLITS = ("train", "valid", "test")
-SET_STEMS = ("pcam_train", "pcam_valid", "pcam_test", "dlbcl")  # the patch sets 03 writes per method
 SPLIT_COLUMNS = ("split", "file", "index", "group", "source", "label")
 
 
@@ -88,51 +78,77 @@ def _random_assignment(n: int, fractions: list[float], rng: np.random.Generator)
     return np.array(SPLITS)[np.searchsorted(bounds, rng.random(n), side="right").clip(0, 2)]
 
 
-def make_split(task: str, folder: Path, split_mode: str, fractions: list[float], mixed_size: int,
-               seed: int) -> dict[str, np.ndarray]:
-    """Choose the patches of each split for `task` from the 03 patch sets in `folder`.
+def make_split(task: dict, folder: Path, seed: int) -> dict[str, np.ndarray]:
+    """Choose the patches of each split for `task` (a validated `tasks.<name>` entry) from the patch
+    sets in `folder`.
 
-    Returns: columns split, file, index, group, source, label (label in the task's classes), one
-    entry per chosen patch.
+    Returns: columns split, file, index, group, source, label (the index of the task's class), one
+    entry per chosen patch, in set order (balanced tasks: in file order within each set).
     """
-    if task not in CLASS_NAMES:
-        raise UserError(f"unknown task {task!r}; expected one of {', '.join(CLASS_NAMES)}")
-    if len(fractions) != 3 or min(fractions) <= 0:
-        raise UserError(f"config key train.split_fractions = {fractions} must be three positive numbers")
+    fractions, policy = task["split_fractions"], task["split"]
     rng = np.random.default_rng(seed)
-    parts = []  # (split, file, index, group, label-within-source) per source file
-    if task in ("pcam", "mixed"):
-        for s in SPLITS:
-            y, g = _read_meta(folder / f"pcam_{s}.h5")
-            official = np.full(len(y), s)
-            sp = official if (task == "pcam" or split_mode == "grouped") else _random_assignment(len(y), fractions, rng)
-            parts.append((sp, np.full(len(y), f"pcam_{s}"), np.arange(len(y)), g, y))
-    if task in ("dlbcl", "mixed"):
-        y, g = _read_meta(folder / "dlbcl.h5")
-        sp = (_grouped_assignment(g, fractions, rng) if split_mode == "grouped"
-              else _random_assignment(len(y), fractions, rng))
-        parts.append((sp, np.full(len(y), "dlbcl"), np.arange(len(y)), g, y))
-    split, file, index, group, y = (np.concatenate(c) for c in zip(*parts, strict=True))
-    source = np.where(np.char.startswith(file.astype(str), "pcam"), "pcam", "dlbcl")
-    cols = {"split": split, "file": file, "index": index, "group": group, "source": source, "label": y}
-    if task != "mixed":
+    parts = []  # (split, file, index, group, source, label) per set; split "" = split by group below
+    for stem, spec in task["sets"].items():
+        y, g = _read_meta(folder / f"{stem}.h5")
+        label = _task_labels(y, spec["labels"], task["classes"], folder / f"{stem}.h5")
+        keep = np.flatnonzero(label >= 0)
+        if policy == "random":
+            sp = _random_assignment(len(keep), fractions, rng)
+        else:
+            sp = np.full(len(keep), spec.get("split", ""), dtype=object)
+        parts.append((sp, np.full(len(keep), stem), keep, g[keep], np.full(len(keep), spec["source"]), label[keep]))
+    split, file, index, group, source, label = (np.concatenate(c) for c in zip(*parts, strict=True))
+    by_group = split == ""
+    if by_group.any():  # groups of different sources are different slides or patients, whatever their names
+        qualified = np.char.add(np.char.add(source[by_group].astype(str), "/"), group[by_group].astype(str))
+        split[by_group] = _grouped_assignment(qualified, fractions, rng)
+    cols = {"split": split.astype(str), "file": file, "index": index, "group": group, "source": source,
+            "label": label}
+    if task["balanced_size"] is None:
         return cols
+    take = _balanced_take(cols, len(task["classes"]), task["balanced_size"], fractions, rng)
+    return {k: v[take] for k, v in cols.items()}
 
-    # mixed: 0 negative (both sources), 1 PCam positive, 2 DLBCL positive; balanced within each split
-    label = np.where(y == 0, 0, np.where(source == "pcam", 1, 2))
-    per_class = {s: int(round(mixed_size * f / sum(fractions) / 3)) for s, f in zip(SPLITS, fractions, strict=True)}
+
+def _task_labels(y: np.ndarray, labels: list, classes: list[str], path: Path) -> np.ndarray:
+    """int64 (N,) the task's class index of each source label in `y`, -1 where `labels` says null."""
+    if len(y) and y.max() >= len(labels):
+        raise UserError(f"{path} has source label {int(y.max())}, but its task's labels list gives classes for "
+                        f"{len(labels)} labels ({labels})")
+    lookup = np.array([-1 if c is None else classes.index(c) for c in labels], dtype=np.int64)
+    return lookup[y]
+
+
+def _even_shares(sizes: np.ndarray, n: int) -> np.ndarray:
+    """How many of `n` draws each pool (int (K,) sizes) gives: equal shares where the pools allow it,
+    a short pool's deficit taken from the others, a remainder from the last pools."""
+    if sizes.sum() <= n:
+        return sizes.copy()
+    lo, hi = 0, int(sizes.max())
+    while lo < hi:  # the highest level t with sum(min(sizes, t)) <= n (a few steps: log2 of the largest pool)
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if np.minimum(sizes, mid).sum() <= n else (lo, mid - 1)
+    share = np.minimum(sizes, lo)
+    above = np.flatnonzero(sizes > lo)
+    share[above[len(above) - (n - share.sum()):]] += 1
+    return share
+
+
+def _balanced_take(cols: dict, n_classes: int, size: int, fractions: list[float],
+                   rng: np.random.Generator) -> np.ndarray:
+    """Sorted rows of `cols`: per split, `size` x its fraction / n_classes patches of each class, each
+    class drawn as evenly as possible from the sources that have it (in set order)."""
+    split, label, source = cols["split"], cols["label"], cols["source"]
+    sources = list(dict.fromkeys(source.tolist()))
     take = []
-    for s in SPLITS:
-        n = per_class[s]
-        for cls in (1, 2):
-            pool = np.flatnonzero((split == s) & (label == cls))
-            take.append(rng.permutation(pool)[:n])
-        neg = {src: rng.permutation(np.flatnonzero((split == s) & (label == 0) & (source == src)))
-               for src in ("pcam", "dlbcl")}
-        want_pcam = max(n // 2, n - len(neg["dlbcl"]))  # one source short: the other fills in
-        take += [neg["pcam"][:want_pcam], neg["dlbcl"][: n - min(want_pcam, len(neg["pcam"]))]]
-    take = np.sort(np.concatenate(take))
-    return {**{k: v[take] for k, v in cols.items()}, "label": label[take]}
+    for s, fraction in zip(SPLITS, fractions, strict=True):
+        n = int(round(size * fraction / sum(fractions) / n_classes))
+        for k in [*range(1, n_classes), 0]:  # class 0 last: the draw order of the code this replaced
+            pools = [rng.permutation(np.flatnonzero((split == s) & (label == k) & (source == src)))
+                     for src in sources if ((label == k) & (source == src)).any()]
+            shares = _even_shares(np.array([len(p) for p in pools]), n)
+            take += [p[:m] for p, m in zip(pools, shares, strict=True)]
+    return np.sort(np.concatenate(take))
 
 
 def write_split(path: Path, cols: dict[str, np.ndarray]) -> None:

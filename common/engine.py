@@ -21,13 +21,13 @@ from common.config import UserError
 from common.steps import atomic_path, run_dir
 
 
-def num_outputs(task: str) -> int:
-    """Binary tasks use one logit (sigmoid + BCE, as the thesis); `mixed` uses three."""
-    return 1 if len(data.CLASS_NAMES[task]) == 2 else len(data.CLASS_NAMES[task])
+def num_outputs(n_classes: int) -> int:
+    """Two classes use one logit (sigmoid + BCE, as the thesis); more use one logit per class."""
+    return 1 if n_classes == 2 else n_classes
 
 
-def loss_fn(task: str) -> nn.Module:
-    return nn.BCEWithLogitsLoss() if num_outputs(task) == 1 else nn.CrossEntropyLoss()
+def loss_fn(n_classes: int) -> nn.Module:
+    return nn.BCEWithLogitsLoss() if num_outputs(n_classes) == 1 else nn.CrossEntropyLoss()
 
 
 def loss_value(criterion: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -101,6 +101,6 @@ def load_experiment(cfg: dict, checkpoint: str) -> tuple[nn.Module, dict, dict]:
                         f"is missing): run `python 05_train.py` (or resume it with --set train.resume=auto)")
     meta = json.loads(meta_path.read_text())
     state = load_checkpoint(folder / f"{checkpoint}.pt")
-    model = models.build_model(meta["model"], num_outputs(meta["task"]), "none")
+    model = models.build_model(meta["model"], num_outputs(len(meta["class_names"])), "none")
     model.load_state_dict(state["model"], strict=True)
     return model.eval(), meta, data.read_split(folder / "split.csv")

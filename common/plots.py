@@ -111,8 +111,9 @@ def cluster_scatter(path: Path, points: np.ndarray, source: np.ndarray, cluster:
     # shared bins, robust to outliers, smoothed: contours of where each source's mass lies
     lo, hi = np.percentile(points[:, :2], [1, 99], axis=0)
     bins = [np.linspace(lo[0], hi[0], 31), np.linspace(lo[1], hi[1], 31)]
-    for name, colour in (("pcam", "tab:blue"), ("dlbcl", "tab:orange")):
-        sel = source == name
+    names = source[np.sort(np.unique(source, return_index=True)[1])]  # in order of appearance
+    for k, name in enumerate(names):
+        sel, colour = source == name, f"C{k}"
         ax1.scatter(points[sel, 0], points[sel, 1], s=4, alpha=0.5, c=colour, label=name)
         if sel.sum() > 2:
             hist, xe, ye = np.histogram2d(points[sel, 0], points[sel, 1], bins=bins)

@@ -82,3 +82,74 @@ def test_cli_unknown_key_exits_2_with_one_line():
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "train.no_such_key" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_sections_a_run_does_not_read_are_optional(tmp_path: Path, capsys):
+    from common import demo
+    from common.cli import run
+
+    thesis = load_config(ROOT / "config.yaml")
+    assert "demo" not in thesis and load_config(ROOT / "configs" / "demo.yaml")["demo"]["dlbcl_slides"] == 4
+    with pytest.raises(UserError, match=r"has no 'demo:' section"):
+        thesis["demo"]
+    assert run(demo.main, ["--config", str(ROOT / "config.yaml")]) == 2  # the demo needs demo:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no 'demo:' section" in err[0]
+    # a config with only what 06 reads: no filter_pcam, tile_dlbcl, normalize, cluster, gradcam, demo
+    full = yaml.safe_load((ROOT / "config.yaml").read_text())
+    small = {k: full[k] for k in ("run", "train", "evaluate", "tasks")}
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump(small))
+    cfg = load_config(tmp_path / "small.yaml", ["tasks.dlbcl.balanced_size=100"])
+    assert set(cfg) == {"run", "train", "evaluate", "tasks", "_config_path"}
+    assert cfg["tasks"]["dlbcl"]["balanced_size"] == 100 and cfg["tasks"]["mixed"]["balanced_size"] == 20000
+    with pytest.raises(UserError, match=r"has no 'normalize:' section"):
+        cfg["normalize"]
+    del small["tasks"]  # train.task must name a task
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump(small))
+    with pytest.raises(UserError, match=r"train.task = 'pcam' is invalid: expected one of the tasks \(none defined\)"):
+        load_config(tmp_path / "small.yaml")
+
+
+def test_a_task_defined_in_a_child_config_joins_the_base_tasks(tmp_path: Path):
+    child = {"base": str(ROOT / "config.yaml"), "train": {"task": "mine"},
+             "tasks": {"mine": {"classes": ["benign", "tumour"], "sets": {"my_set": {"source": "lab", "labels":
+                                ["benign", "tumour"]}}, "split": "grouped", "split_fractions": [0.6, 0.2, 0.2],
+                                "balanced_size": None}}}
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump(child))
+    cfg = load_config(tmp_path / "child.yaml")
+    assert list(cfg["tasks"]) == ["pcam", "dlbcl", "mixed", "mine"]
+    assert cfg["tasks"]["mine"]["sets"]["my_set"] == {"source": "lab", "labels": ["benign", "tumour"]}
+    assert "reference" not in cfg["tasks"]["mine"]  # optional
+    # the thesis's Tables 1-2, with their citation, live in config.yaml
+    ref = cfg["tasks"]["mixed"]["reference"]
+    assert ref["table"] == "Table 2 (3-class, mixed)" and "Mantu" in ref["citation"]
+    assert ref["models"]["resnet18"] == {"accuracy": 87.4, "per_class": {
+        "breast": [96.5, 89.4, 92.8], "lymphoma": [74.1, 97.4, 84.2], "negative": [92.5, 81.4, 86.6]}}
+    assert cfg["tasks"]["dlbcl"]["reference"]["models"]["resnet50"]["accuracy"] == 85.8
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tasks.mixed.sets.dlbcl.labels=[negative,lymphom]",
+     "tasks.mixed.sets.dlbcl.labels names 'lymphom', which is not in tasks.mixed.classes"),
+    ("tasks.mixed.sets.dlbcl.labels=[negative,breast]", "tasks.mixed.classes: no set's labels give class 'lymphoma'"),
+    ("tasks.pcam.sets.pcam_valid.split=val", "tasks.pcam.sets.pcam_valid.split = 'val' is invalid"),
+    ("tasks.dlbcl.split=official", "tasks.dlbcl.split = official needs tasks.dlbcl.sets.dlbcl.split"),
+    ("tasks.dlbcl.split_fractions=[0.9,0.1]", "tasks.dlbcl.split_fractions = [0.9, 0.1] is invalid: expected three"),
+    ("tasks.dlbcl.split_fractions=[0.9,0.1,0]", "expected three positive numbers"),
+    ("tasks.dlbcl.sets.dlbcl.sourc=x", "unknown config key tasks.dlbcl.sets.dlbcl.sourc (did you mean"),
+    ("tasks.pcam.classes=[negative,negative]",
+     "tasks.pcam.classes = ['negative', 'negative'] is invalid: names repeat"),
+    ("tasks.pcam.reference.models.resnet18.per_class.tumour=[1,2,3]", "per_class must name the classes"),
+    ("tasks.dlbcl.balanced_size=0", "tasks.dlbcl.balanced_size = 0 is invalid"),
+    ("train.task=dlbc", "train.task = 'dlbc' is invalid: expected one of the tasks (pcam, dlbcl, mixed) "
+                        "(did you mean 'dlbcl'?)"),
+])
+def test_bad_tasks_name_the_key(override, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config(ROOT / "config.yaml", [override])
+
+
+def test_a_task_missing_a_key_names_it(tmp_path: Path):
+    (tmp_path / "c.yaml").write_text(f"base: {ROOT / 'config.yaml'}\ntasks: {{x: {{classes: [a, b]}}}}\n")
+    with pytest.raises(UserError, match="config is missing key tasks.x.sets"):
+        load_config(tmp_path / "c.yaml")

@@ -1,5 +1,6 @@
 """common/data.py: leak-free splits, the mixed task, batches, statistics and augmentation."""
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +8,16 @@ import pytest
 import torch
 
 from common import data
+from common.config import load_config
 from common.patchset import PatchSet, write_patch_set
+from tests.conftest import ROOT
+
+TASKS = load_config(ROOT / "config.yaml")["tasks"]
+
+
+def task(name: str, **changes) -> dict:
+    """A task of config.yaml with some keys changed."""
+    return copy.deepcopy(TASKS[name]) | changes
 
 
 def write_sources(folder: Path, n_pcam: int = 120, n_dlbcl: int = 200, patients: int = 20) -> None:
@@ -26,10 +36,10 @@ def groups_by_split(cols):
     return {s: set(cols["group"][cols["split"] == s]) for s in data.SPLITS}
 
 
-@pytest.mark.parametrize("task", ["dlbcl", "mixed"])
-def test_grouped_split_has_no_overlap(tmp_path, task):
+@pytest.mark.parametrize("name, balanced_size", [("dlbcl", None), ("mixed", 90)])
+def test_grouped_split_has_no_overlap(tmp_path, name, balanced_size):
     write_sources(tmp_path)
-    cols = data.make_split(task, tmp_path, "grouped", [0.8, 0.1, 0.1], 90, seed=3)
+    cols = data.make_split(task(name, balanced_size=balanced_size), tmp_path, seed=3)
     g = groups_by_split(cols)
     assert not (g["train"] & g["valid"]) and not (g["train"] & g["test"]) and not (g["valid"] & g["test"])
     assert all(g[s] for s in data.SPLITS)
@@ -37,14 +47,14 @@ def test_grouped_split_has_no_overlap(tmp_path, task):
 
 def test_random_split_reproduces_the_thesis_leak(tmp_path):
     write_sources(tmp_path)
-    cols = data.make_split("dlbcl", tmp_path, "random", [0.8, 0.1, 0.1], 90, seed=3)
+    cols = data.make_split(task("dlbcl", split="random"), tmp_path, seed=3)
     g = groups_by_split(cols)
     assert g["train"] & g["test"]  # patients shared between train and test, as in the thesis
 
 
 def test_pcam_keeps_official_splits(tmp_path):
     write_sources(tmp_path)
-    cols = data.make_split("pcam", tmp_path, "grouped", [0.8, 0.1, 0.1], 90, seed=0)
+    cols = data.make_split(task("pcam"), tmp_path, seed=0)
     for s in data.SPLITS:
         assert set(cols["file"][cols["split"] == s]) == {f"pcam_{s}"}
     assert len(cols["split"]) == 120 + 30 + 30
@@ -52,7 +62,7 @@ def test_pcam_keeps_official_splits(tmp_path):
 
 def test_mixed_is_class_balanced_with_both_sources_in_negatives(tmp_path):
     write_sources(tmp_path)
-    cols = data.make_split("mixed", tmp_path, "grouped", [0.8, 0.1, 0.1], 90, seed=1)
+    cols = data.make_split(task("mixed", balanced_size=90), tmp_path, seed=1)
     train = cols["split"] == "train"
     assert np.bincount(cols["label"][train]).tolist() == [24, 24, 24]
     neg = train & (cols["label"] == 0)
@@ -64,7 +74,7 @@ def test_mixed_is_class_balanced_with_both_sources_in_negatives(tmp_path):
 
 def test_split_round_trip_and_loading(tmp_path):
     write_sources(tmp_path)
-    cols = data.make_split("mixed", tmp_path, "grouped", [0.8, 0.1, 0.1], 90, seed=1)
+    cols = data.make_split(task("mixed", balanced_size=90), tmp_path, seed=1)
     data.write_split(tmp_path / "split.csv", cols)
     back = data.read_split(tmp_path / "split.csv")
     for key in data.SPLIT_COLUMNS:

@@ -36,7 +36,8 @@ def tiny_config(tmp_path_factory) -> Path:
         "filter_pcam": {"grid_search": True, "grid_search_samples": 40},
         "tile_dlbcl": {"workers": 1},
         "cluster": {"n_per_source": 24, "n_init": 2},
-        "train": {"epochs": 1, "mixed_size": 60, "batch_size": 16},
+        "train": {"epochs": 1, "batch_size": 16},
+        "tasks": {"mixed": {"balanced_size": 60}},
         "evaluate": {"n_bootstrap": 20},
         "gradcam": {"n_per_cell": 2},
     }
