@@ -93,6 +93,7 @@ SCHEMA: dict[str, Any] = {
     "data": {
         "pcam_dir": _f("path"),
         "dlbcl_dir": _f("path"),
+        "cache_dir": _f("path", nullable=True),
     },
     "demo": {
         "out_dir": _f("path"),
