@@ -35,7 +35,7 @@ from tqdm import tqdm
 from common import cli, filters, pcam, plots
 from common.config import SPLITS, UserError
 from common.patchset import PatchSetWriter
-from common.steps import begin_step, provenance, write_json, write_summary
+from common.steps import begin_step, check_free_space, provenance, write_json, write_summary
 
 STEP = "01_filter_pcam"
 PCAM_MPP = 0.972  # µm/px: Camelyon16's 0.243 µm/px at 40x, undersampled 4x
@@ -209,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         with fx, fy:
             n = len(fy["y"]) if fc["max_patches_per_split"] is None else min(len(fy["y"]), fc["max_patches_per_split"])
             group, coords = read_meta(meta[split], n)
+            # at most every patch is kept: stop now rather than on a full disk halfway through
+            check_free_space(out, n * int(np.prod(fx["x"].shape[1:])), f"the kept patches of the {split} split",
+                             "free space there or move run.output_root to a disk with room")
             with PatchSetWriter(out / f"{split}.h5", source="pcam", split=split, mpp=PCAM_MPP,
                                 provenance=provenance(cfg, STEP)) as writer:
                 counts, rejected = filter_split(fx, fy, group, coords, writer, thresholds, n,

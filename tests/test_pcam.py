@@ -272,3 +272,16 @@ def test_missing_file_names_both_layouts(tmp_path, filter_script, capsys):
         f"error: PCam file not found: {PREFIX}valid_x.h5 (or {PREFIX}valid_x.h5.gz) in {pcam_dir} (official "
         f"layout) or {pcam_dir / 'pcam'} (torchvision's); download it from https://zenodo.org/records/2546921 "
         "(see the README)")
+
+
+def test_too_little_space_for_the_kept_patches_stops_before_writing(tmp_path, filter_script, capsys, monkeypatch):
+    pcam_dir = write_pcam(tmp_path / "pcam")
+    need = 24 * 96 * 96 * 3  # the 24 train patches, if all are kept
+    monkeypatch.setattr(steps.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, need))
+    status, _, err = run_01(filter_script, tmp_path, pcam_dir, capsys)
+    out = tmp_path / "runs" / "t" / "01_filter_pcam"
+    assert status == 2
+    assert err.strip().splitlines() == [
+        f"error: not enough disk space in {out} for the kept patches of the train split: needs about 0.0 GB, "
+        "0.0 GB free; free space there or move run.output_root to a disk with room"]
+    assert not (out / "train.h5").exists()
