@@ -1,16 +1,19 @@
 """01 · Filter PatchCamelyon by HSV thresholds (thesis §5.1.2): keep H&E tissue, drop glass and IHC.
 
-Reads (data.pcam_dir), the official release as downloaded:
-    camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5  (or .h5.gz, decompressed once beside it)
-    camelyonpatch_level_2_split_{split}_meta.csv             (optional: `wsi` becomes each patch's group)
+Reads (data.pcam_dir), the official release as downloaded, or torchvision's root (files in its pcam/):
+    camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5  (or .h5.gz, decompressed once into
+                                                              data.cache_dir; see common/pcam.py)
+    camelyonpatch_level_2_split_{split}_meta.csv             (optional: `wsi` becomes each patch's group;
+                                                              without it every group is 'unknown')
 Writes (runs/<run>/01_filter_pcam/):
     {train,valid,test}.h5      patch sets of the kept patches: always all three splits, which 03 reads
                                from this step's last run
     rejected_<split>.png       contact sheet of rejected examples
     grid_search.json, grid_kept.png, grid_rejected.png   (filter_pcam.grid_search: true; scored on a
                                sample of filter_pcam.grid_search_samples train patches)
-    summary.json               kept / rejected counts per split, label and reason; `outputs` lists the
-                               patch sets this run wrote (none when it failed: a split kept no patch)
+    summary.json               per split: kept / rejected counts by label and reason, the files read, the
+                               meta CSV and `groups` (slide, or unknown without it); `outputs` lists the
+                               patch sets this run wrote (none when it failed: a split kept no patch, exit 2)
 
 Usage:
     python 01_filter_pcam.py --config config.yaml [--set filter_pcam.max_patches_per_split=1000]
@@ -19,23 +22,20 @@ Usage:
 from __future__ import annotations
 
 import csv
-import gzip
 import hashlib
 import json
-import shutil
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import h5py
 import numpy as np
 from tqdm import tqdm
 
-from common import cli, filters, plots
+from common import cli, filters, pcam, plots
 from common.config import SPLITS, UserError
 from common.patchset import PatchSetWriter
-from common.steps import begin_step, provenance, write_json, write_summary
+from common.steps import begin_step, check_free_space, provenance, write_json, write_summary
 
 STEP = "01_filter_pcam"
 PCAM_MPP = 0.972  # µm/px: Camelyon16's 0.243 µm/px at 40x, undersampled 4x
@@ -45,41 +45,14 @@ MD5_H5 = {
     "valid_x": "81cf9680f1724c40673f10dc88e909b1", "valid_y": "94d8aacc249253159ce2a2e78a86e658",
     "test_x": "2614b2e6717d6356be141d9d6dbfcb7e", "test_y": "11ed647efe9fe457a4eb45df1dba19ba",
 }
+NO_META = ("   note: no meta CSV (camelyonpatch_level_2_split_<split>_meta.csv) for split {splits} in {folder}: its "
+           "patches get group 'unknown' and coords -1. Lost: the slide grouping, so 06 reports patch-level "
+           "confidence intervals instead of slide-level ones (patches of one slide are correlated: patch-level "
+           "intervals are too narrow); the official splits themselves stay slide-disjoint. The CSVs are on "
+           "Zenodo only ({zenodo}; torchvision's PCAM never downloads them): put them in {folder} and rerun 01.")
 
 
 # ---------------------------------------------------------------- locating and checking the files
-
-
-def locate(pcam_dir: Path, split: str, kind: str) -> Path:
-    """The `.h5` of one split and kind (x or y); a `.h5.gz` is decompressed once beside it."""
-    stem = pcam_dir / f"camelyonpatch_level_2_split_{split}_{kind}"
-    h5, gz = stem.with_suffix(".h5"), stem.with_suffix(".h5.gz")
-    if h5.is_file():
-        return h5
-    if not gz.is_file():
-        raise UserError(f"PCam file not found: {h5} (nor {gz.name}); see the README for the download")
-    print(f"   decompressing {gz.name} (once) ...")
-    part = h5.with_suffix(".h5.part")
-    try:
-        with gzip.open(gz, "rb") as src, open(part, "wb") as dst, tqdm(
-            total=gz.stat().st_size, unit="B", unit_scale=True, desc=gz.name, leave=False
-        ) as bar:
-            while chunk := src.read(1 << 24):
-                dst.write(chunk)
-                bar.n = src.fileobj.tell()
-                bar.refresh()
-        shutil.move(part, h5)
-    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise UserError(f"cannot decompress {gz}: {exc} (truncated or corrupt download); delete it and "
-                        "download it again") from exc
-    except PermissionError as exc:
-        raise UserError(f"cannot decompress {gz.name}: permission denied on {exc.filename}; make data.pcam_dir "
-                        f"({pcam_dir}) readable and writable, or decompress it there yourself (gunzip -k)") from exc
-    except OSError as exc:  # e.g. the disk is full
-        raise UserError(f"cannot decompress {gz} to {h5}: {exc}") from exc
-    finally:
-        part.unlink(missing_ok=True)  # a failed run must not leave up to 7.3 GB behind (gone after a success)
-    return h5
 
 
 def md5(path: Path) -> str:
@@ -99,9 +72,9 @@ def open_h5(path: Path) -> h5py.File:
                         "Delete it and download it again (see the README)") from exc
 
 
-def open_split(pcam_dir: Path, split: str, verify_md5: bool) -> tuple[h5py.File, h5py.File]:
+def open_split(pcam_dir: Path, split: str, verify_md5: bool, cache_dir: Path) -> tuple[h5py.File, h5py.File]:
     """Open x and y of a split and check keys, shapes and dtypes against the official release."""
-    paths = {kind: locate(pcam_dir, split, kind) for kind in ("x", "y")}
+    paths = {kind: pcam.locate(pcam_dir, split, kind, cache_dir) for kind in ("x", "y")}
     if verify_md5:
         for kind, path in paths.items():
             if (got := md5(path)) != MD5_H5[f"{split}_{kind}"]:
@@ -124,14 +97,12 @@ def open_split(pcam_dir: Path, split: str, verify_md5: bool) -> tuple[h5py.File,
     return fx, fy
 
 
-def read_meta(pcam_dir: Path, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+def read_meta(path: Path | None, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Group (`wsi`) and level-0 coords (x, y) per patch from the meta CSV; 'unknown' / -1 without it."""
-    path = pcam_dir / f"camelyonpatch_level_2_split_{split}_meta.csv"
-    if not path.is_file():
-        print(f"   note: {path.name} not found: groups unknown, coords -1")
+    if path is None:
         return np.full(n, "unknown"), np.full((n, 2), -1, np.int64)
     with open(path, newline="") as f:
-        header = next(csv.reader(f))
+        header = next(csv.reader(f), [])  # an empty file: every column is missing
     need = ("coord_x", "coord_y", "wsi")
     if not set(need) <= set(header):
         raise UserError(f"{path} lacks columns {', '.join(c for c in need if c not in header)}")
@@ -225,14 +196,22 @@ def main(argv: list[str] | None = None) -> int:
     thresholds = {k: (tuple(fc[k]) if fc[k] is not None else None)
                   for k in ("hue_range", "saturation_range", "value_range")}
     thresholds["blur_sigma_px"] = fc["blur_sigma_px"]
-    print(f"   input {pcam_dir}\n   thresholds {thresholds}")
+    cache_dir = pcam.default_cache_dir(cfg)
+    print(f"   input {pcam_dir} (a .gz is decompressed once into {cache_dir})\n   thresholds {thresholds}")
+    meta = {split: pcam.meta_csv(pcam_dir, split) for split in SPLITS}
+    if no_meta := [split for split, path in meta.items() if path is None]:
+        print(NO_META.format(splits=", ".join(no_meta), folder=pcam_dir, zenodo=pcam.ZENODO))
 
     per_split, total_kept, grid = {}, 0, None
     for split in SPLITS:
-        fx, fy = open_split(pcam_dir, split, fc["verify_md5"])
+        fx, fy = open_split(pcam_dir, split, fc["verify_md5"], cache_dir)
+        files = [fx.filename, fy.filename]
         with fx, fy:
             n = len(fy["y"]) if fc["max_patches_per_split"] is None else min(len(fy["y"]), fc["max_patches_per_split"])
-            group, coords = read_meta(pcam_dir, split, n)
+            group, coords = read_meta(meta[split], n)
+            # at most every patch is kept: stop now rather than on a full disk halfway through
+            check_free_space(out, n * int(np.prod(fx["x"].shape[1:])), f"the kept patches of the {split} split",
+                             "free space there or move run.output_root to a disk with room")
             with PatchSetWriter(out / f"{split}.h5", source="pcam", split=split, mpp=PCAM_MPP,
                                 provenance=provenance(cfg, STEP)) as writer:
                 counts, rejected = filter_split(fx, fy, group, coords, writer, thresholds, n,
@@ -241,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             plots.contact_sheet(out / f"rejected_{split}.png", rejected)
             if fc["grid_search"] and split == "train":
                 grid = grid_search(cfg, fx, fy, split, out, thresholds)
-        per_split[split] = {"n_in": n, "kept": kept, "rejected": n - kept, "by_label": counts}
+        per_split[split] = {"n_in": n, "kept": kept, "rejected": n - kept, "by_label": counts, "files": files,
+                            "meta_csv": meta[split], "groups": "slide" if meta[split] else "unknown"}
         total_kept += kept
         print(f"   {split}: kept {kept} / {n}  {json.dumps(counts)}")
 
@@ -253,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     if empty:
         print(f"error: no patch of split {', '.join(empty)} passed the filter; check the filter_pcam thresholds "
               f"against rejected_{empty[0]}.png and the counts in {out / 'summary.json'}", file=sys.stderr)
-        return 1
+        return 2
     print(f"   wrote {out}")
     return 0
 

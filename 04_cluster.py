@@ -32,6 +32,7 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 
 from common import cli, data, metrics, models, plots
+from common.errors import UserError
 from common.steps import atomic_path, begin_step, require_step, write_json, write_summary
 
 STEP = "04_cluster"
@@ -39,15 +40,25 @@ STEP = "04_cluster"
 THESIS = {("pixels", "none"): (0.512, None, 0.009), ("resnet18", "none"): (0.723, None, 0.198),
           ("resnet18", "macenko"): (0.534, None, 0.004)}
 PROBE_MAX_DIM = 2048  # linearised pixels (27,648-d) are PCA-reduced to 128-d for the probe
+MIN_NEGATIVES = 5  # per source: the domain probe's 5 stratified cross-validation folds need one each
 
 
 def sample_negatives(folder: Path, n_per_source: int, seed: int) -> dict[str, np.ndarray]:
-    """Seeded indices of negatives per source file; the same for every method (03 keeps order)."""
+    """Seeded indices of negatives per source file; the same for every method (03 keeps order).
+
+    Raises:
+        UserError: a source has fewer than MIN_NEGATIVES negatives (nothing to compare: exit 2).
+    """
     rng = np.random.default_rng(seed)
     index = {}
     for stem in ("pcam_train", "dlbcl"):
         with h5py.File(folder / f"{stem}.h5", "r") as f:
             neg = np.flatnonzero(f["y"][:] == 0)
+        if len(neg) < MIN_NEGATIVES:
+            why = ("02 writes them only with tile_dlbcl.negatives: true" if stem == "dlbcl"
+                   else "check the filter_pcam thresholds of 01")
+            raise UserError(f"{folder / f'{stem}.h5'} holds {len(neg)} negatives (label 0); 04 compares the "
+                            f"negatives of both sources and needs at least {MIN_NEGATIVES} of each ({why})")
         index[stem] = np.sort(rng.choice(neg, min(n_per_source, len(neg)), replace=False))
     return index
 

@@ -1,9 +1,10 @@
-# Two commands: `make demo` (install, generate demo data, run 01 -> 07, print results) and `make test`.
+# Two commands: `make demo` (install, generate demo data, run 01 -> 07, print results) and `make test`
+# (install with the test tools, run the suite). `make install` only installs (what demo and test install first).
 PY      := .venv/bin/python
 CONFIG  ?= configs/demo.yaml
 TASKS   ?= pcam dlbcl mixed
 
-.PHONY: demo test lint bench clean-demo
+.PHONY: install demo test lint bench clean-demo
 
 .venv/.runtime: requirements.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -16,6 +17,9 @@ TASKS   ?= pcam dlbcl mixed
 	# other deps are all present (staintools' SPAMS comes from spams-bin in requirements-dev.txt)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps grad-cam==1.5.7 ttach==0.0.3 staintools==2.1.2
 	touch $@
+
+# Install the pipeline and the test tools into .venv, run nothing.
+install: .venv/.dev
 
 demo: .venv/.runtime
 	$(PY) -m common.demo --config $(CONFIG)

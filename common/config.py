@@ -134,6 +134,7 @@ SCHEMA: dict[str, Any] = {
     "data": {
         "pcam_dir": _f("path"),
         "dlbcl_dir": _f("path"),
+        "cache_dir": _f("path", nullable=True),
     },
     "demo": {  # only in configs/demo.yaml: `python -m common.demo` reads it
         "out_dir": _f("path"),
@@ -196,7 +197,7 @@ SCHEMA: dict[str, Any] = {
     "cluster": {
         "n_per_source": _f("int", minimum=10),
         "features": _f("list", item=_f("choice", choices=("pixels", "resnet18")), min_items=1),
-        "weights": _f("path", keywords=("none", "imagenet")),
+        "weights": _f("path", keywords=("none", "imagenet", "imagenet_v1")),
         "pca_components": _f("int", minimum=1),
         "n_init": _f("int", minimum=1),
         "batch_size": _f("int", minimum=1),
@@ -207,7 +208,7 @@ SCHEMA: dict[str, Any] = {
                          hint="a folder name; {task} and {model} are filled in"),
         "method": _f("choice", choices=METHODS),
         "model": _f("str"),
-        "weights": _f("path", keywords=("none", "imagenet")),
+        "weights": _f("path", keywords=("none", "imagenet", "imagenet_v1")),
         "epochs": _f("int", minimum=1),
         "batch_size": _f("int", minimum=1),
         "lr": _f("float", minimum=0.0),
@@ -433,13 +434,29 @@ class Config(dict):
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
+    text = path.read_text()
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise UserError(_yaml_error(path, text, err)) from None
     if not isinstance(tree, dict):
         raise UserError(f"config file {path} must hold a mapping of sections")
     return tree
+
+
+def _yaml_error(path: Path, text: str, err: yaml.YAMLError) -> str:
+    """One line: file, line and column (1-based) of a YAML syntax error, the problem and the line itself."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is None:
+        return f"config file {path} is not valid YAML: {str(err).splitlines()[0]}"
+    message = f"config file {path}, line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {err.problem}"
+    start = getattr(err, "context_mark", None)
+    if err.context and start is not None and start.line != mark.line:
+        message += f" ({err.context} that starts on line {start.line + 1})"
+    lines = text.splitlines()
+    if mark.line < len(lines) and lines[mark.line].strip():
+        message += f"; the line reads {lines[mark.line].strip()!r}"
+    return message
 
 
 def _load_tree(path: Path, seen: tuple = ()) -> dict:

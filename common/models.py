@@ -5,7 +5,8 @@ right width, loads its starting weights without ever touching the network, conve
 into normalised model input, and extracts penultimate-layer features for clustering.
 
 Inputs:  a torchvision classification model name that accepts 96x96 input (``resnet18``, ``resnet50``, ...), a weights
-         choice (``"none"``, ``"imagenet"`` from the local torch hub cache, or a state-dict file),
+         choice (``"none"``, ``"imagenet"`` or ``"imagenet_v1"`` from the local torch hub cache, or a
+         state-dict file),
          uint8 ``(N, H, W, 3)`` RGB patches (ndarray or h5py dataset).
 Outputs: ``torch.nn.Module`` objects and float32 ``(N, D)`` feature arrays.
 
@@ -70,23 +71,33 @@ def _replace_module(model: nn.Module, dotted_name: str, new_module: nn.Module) -
     setattr(parent, child_name, new_module)
 
 
-def _imagenet_weights(name: str):
-    """Torchvision's default ImageNet weights enum for ``name``, checked to be in the local hub cache.
+# The ImageNet weights a config can name: torchvision's current default, or the original V1 release
+# (for ResNet-50 the weights of the thesis's era; for ResNet-18 the two are the same file).
+IMAGENET_CHOICES = {"imagenet": "DEFAULT", "imagenet_v1": "IMAGENET1K_V1"}
+
+
+def _imagenet_weights(name: str, choice: str = "imagenet"):
+    """Torchvision's ImageNet weights enum for ``name`` (``choice`` in :data:`IMAGENET_CHOICES`),
+    checked to be in the local hub cache.
 
     Raises:
-        WeightsError: no pretrained weights exist for ``name`` or the file is not in the cache.
+        WeightsError: no such pretrained weights exist for ``name`` or the file is not in the cache; the
+            message names the file, its exact cache path, where to download it, and the alternatives.
     """
     try:
-        weights = torchvision.models.get_model_weights(name).DEFAULT
+        weights = getattr(torchvision.models.get_model_weights(name), IMAGENET_CHOICES[choice])
     except (ValueError, KeyError, AttributeError) as error:
-        raise WeightsError(f"model {name!r} has no torchvision ImageNet weights: {error}") from error
+        raise WeightsError(f"model {name!r} has no torchvision {choice!r} ImageNet weights "
+                           f"({type(error).__name__}: {error})") from error
     # torch.hub names the cached file after the last URL path component; checking it here, before
     # torchvision sees the enum, guarantees that nothing is ever downloaded.
     cached = _cached_file(weights)
     if not cached.is_file():
         raise WeightsError(
-            f"ImageNet weights for {name!r} not found offline: put {cached.name} into {cached.parent} "
-            f"(downloadable from {weights.url})"
+            f"ImageNet weights for {name!r} ({weights}) not found offline: {cached.name} is not at {cached}; "
+            f"download it from {weights.url} and put it there (torch hub's cache: $TORCH_HOME/hub/checkpoints), "
+            "or set train.weights (05) / cluster.weights (04) to none (random initialisation) or to the path "
+            "of a state-dict file"
         )
     return weights
 
@@ -227,8 +238,10 @@ def build_model(name: str, num_outputs: int, weights: str = "none") -> nn.Module
     Args:
         name: torchvision model name, e.g. ``"resnet18"``, ``"resnet50"``, ``"densenet121"``.
         num_outputs: width of the new head (number of classes / logits), >= 1.
-        weights: ``"none"`` (random init), ``"imagenet"`` (torchvision default weights from
-            ``torch.hub.get_dir()/checkpoints``, never downloaded) or a path to a state-dict file
+        weights: ``"none"`` (random init), ``"imagenet"`` (torchvision's default ImageNet weights),
+            ``"imagenet_v1"`` (torchvision's original IMAGENET1K_V1 release: for ResNet-50 the weights
+            of the thesis's era; both from ``torch.hub.get_dir()/checkpoints``, never downloaded) or a
+            path to a state-dict file
             (containers such as ``{"state_dict": ...}`` and prefixes like ``module.`` are unwrapped;
             the file's head is dropped when its shape differs; the backbone loads strictly).
 
@@ -244,10 +257,12 @@ def build_model(name: str, num_outputs: int, weights: str = "none") -> nn.Module
         raise ModelError(f"num_outputs must be >= 1, got {num_outputs}")
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise ModelError(f"unknown torchvision classification model {name!r} (e.g. resnet18, resnet50)")
-    if weights not in ("none", "imagenet") and not Path(weights).is_file():
-        raise WeightsError(f"weights file not found: {weights} (expected 'none', 'imagenet' or a file path)")
+    keywords = ("none", *IMAGENET_CHOICES)
+    if weights not in keywords and not Path(weights).is_file():
+        raise WeightsError(f"weights file not found: {weights} (expected {', '.join(map(repr, keywords))} "
+                           "or a file path)")
     try:
-        imagenet = _imagenet_weights(name) if weights == "imagenet" else None
+        imagenet = _imagenet_weights(name, weights) if weights in IMAGENET_CHOICES else None
     except WeightsError:
         # A network that cannot be used is the first thing to hear, before fetching its weights.
         _check_patch_input(_torchvision_model(name, None), name)
@@ -256,7 +271,7 @@ def build_model(name: str, num_outputs: int, weights: str = "none") -> nn.Module
     head = _head_name(model)
     _replace_module(model, head, nn.Linear(model.get_submodule(head).in_features, num_outputs))
     _check_patch_input(model, name)
-    if weights not in ("none", "imagenet"):
+    if weights not in keywords:
         _load_state_dict_file(model, Path(weights), head)
     return model
 

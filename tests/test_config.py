@@ -153,3 +153,21 @@ def test_a_task_missing_a_key_names_it(tmp_path: Path):
     (tmp_path / "c.yaml").write_text(f"base: {ROOT / 'config.yaml'}\ntasks: {{x: {{classes: [a, b]}}}}\n")
     with pytest.raises(UserError, match="config is missing key tasks.x.sets"):
         load_config(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("run:\n  name: x\n seed: 1\n", "line 3, column 2: not valid YAML: expected <block end>, but found "
+     "'<block mapping start>' (while parsing a block mapping that starts on line 1); the line reads 'seed: 1'"),
+    ("train:\n  split_fractions: [0.8, 0.1\n  lr: 1\n", "line 3, column 5: not valid YAML: expected ',' or ']', "
+     "but got ':' (while parsing a flow sequence that starts on line 2); the line reads 'lr: 1'"),
+    ("run:\n\tname: x\n", "line 2, column 1: not valid YAML: found character '\\t' that cannot start any token; "
+                          "the line reads 'name: x'"),
+])
+def test_yaml_syntax_error_names_file_and_line(tmp_path: Path, text, message):
+    # also in a base file: the message names the file that holds the error, not the one given
+    (tmp_path / "base.yaml").write_text(text)
+    (tmp_path / "child.yaml").write_text("base: base.yaml\n")
+    for path in (tmp_path / "base.yaml", tmp_path / "child.yaml"):
+        with pytest.raises(UserError) as error:
+            load_config(path)
+        assert str(error.value) == f"config file {tmp_path / 'base.yaml'}, {message}"

@@ -76,12 +76,36 @@ def test_build_model_rejects_unknown_name_and_bad_outputs():
         build_model("resnet18", 0)
 
 
-def test_imagenet_missing_file_names_file_and_folder(hub_dir):
+def test_imagenet_missing_file_names_file_path_and_alternatives(hub_dir):
     with pytest.raises(WeightsError) as error:
         build_model("resnet18", 2, weights="imagenet")
-    message = str(error.value)
-    assert RESNET18_IMAGENET_FILE in message
-    assert str(hub_dir / "checkpoints") in message
+    cached = hub_dir / "checkpoints" / RESNET18_IMAGENET_FILE
+    assert str(error.value) == (
+        f"ImageNet weights for 'resnet18' (ResNet18_Weights.IMAGENET1K_V1) not found offline: "
+        f"{RESNET18_IMAGENET_FILE} is not at {cached}; download it from "
+        f"https://download.pytorch.org/models/{RESNET18_IMAGENET_FILE} and put it there (torch hub's cache: "
+        "$TORCH_HOME/hub/checkpoints), or set train.weights (05) / cluster.weights (04) to none (random "
+        "initialisation) or to the path of a state-dict file")
+
+
+def test_imagenet_v1_loads_resnet50_v1_file_beside_default(hub_dir):
+    # ResNet-50: `imagenet` is torchvision's IMAGENET1K_V2 (resnet50-11ad3fa6.pth), `imagenet_v1` the
+    # original release of the thesis's era (resnet50-0676ba61.pth); a fake cached state dict stands in.
+    v1_like = build_model("resnet50", 1000).state_dict()
+    (hub_dir / "checkpoints").mkdir()
+    torch.save(v1_like, hub_dir / "checkpoints" / "resnet50-0676ba61.pth")
+    model = build_model("resnet50", 2, weights="imagenet_v1")
+    _assert_same_tensors({k: v for k, v in model.state_dict().items() if not k.startswith("fc.")},
+                         {k: v for k, v in v1_like.items() if not k.startswith("fc.")})
+    with pytest.raises(WeightsError, match=r"\(ResNet50_Weights.IMAGENET1K_V2\) not found offline: "
+                                           r"resnet50-11ad3fa6.pth is not at "):
+        build_model("resnet50", 2, weights="imagenet")  # the default is another file, not cached here
+
+
+def test_imagenet_v1_of_a_model_without_it_is_a_weights_error(hub_dir):
+    # checked on the enum alone: building a 644M-parameter RegNet would take the test minutes
+    with pytest.raises(WeightsError, match="model 'regnet_y_128gf' has no torchvision 'imagenet_v1' ImageNet weights"):
+        models._imagenet_weights("regnet_y_128gf", "imagenet_v1")  # SWAG weights only
 
 
 @pytest.mark.parametrize("name, reason", [
