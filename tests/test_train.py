@@ -52,13 +52,13 @@ def test_resume_gives_the_same_weights(run_config: Path):
 
 def test_resume_of_an_early_stopped_run_trains_no_more(run_config: Path):
     train = load_script("05_train")
-    cfg = ["--config", str(run_config), "--set", "train.experiment=stopped"]
+    cfg = ["--config", str(run_config), "--set", "train.experiment=stopped",
+           "--set", "train.early_stopping_patience=20"]
     assert train.main([*cfg, "--set", "train.epochs=1"]) == 0
     last = run_config.parent / "runs" / "t" / "05_train" / "stopped" / "last.pt"
     state = engine.load_checkpoint(last)
     engine.save_checkpoint(last, state | {"bad_epochs": 20})  # as if patience ran out after epoch 1
-    assert train.main([*cfg, "--set", "train.epochs=3", "--set", "train.early_stopping_patience=20",
-                       "--set", "train.resume=auto"]) == 0
+    assert train.main([*cfg, "--set", "train.epochs=3", "--set", "train.resume=auto"]) == 0
     resumed = engine.load_checkpoint(last)
     assert resumed["epoch"] == 1
     for key, value in state["model"].items():
@@ -96,6 +96,7 @@ def test_an_interrupted_fresh_start_leaves_nothing_that_looks_trained(run_config
     train = load_script("05_train")
     cfg_args = ["--config", str(run_config), "--set", "train.experiment=redo", "--set", "train.epochs=1"]
     assert train.main(cfg_args) == 0
+    cfg_args += ["--set", "train.overwrite=true"]
     folder = run_config.parent / "runs" / "t" / "05_train" / "redo"
     assert {"summary.json", "best_acc.pt", "last.pt"} <= {p.name for p in folder.iterdir()}
 
