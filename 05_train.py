@@ -6,15 +6,25 @@ reproduces the thesis. Thesis defaults: Adam lr 1e-4, weight decay 1e-3, batch 6
 ReduceLROnPlateau on the validation loss (factor 0.1, patience 5), early stopping (patience 20),
 flips and rotations, inputs normalised with the training set's mean/std.
 
-The whole training set sits in memory as uint8; batches are cut by indexing and augmented on the
-device. Channels-last memory format (CPU and GPU), bf16 autocast on CUDA, optional torch.compile, DDP
-under torchrun.
+The whole training set sits in memory as uint8 (on the GPU with `train.data_on_device: auto` when it
+fits); batches are cut by indexing and augmented on the device; loss and accuracy sums stay on the device
+and reach the host every `train.log_every_steps` steps. Channels-last memory format (CPU and GPU), bf16
+autocast on CUDA, optional torch.compile, DDP under torchrun (the ranks of a machine memory-map one copy
+of the training set).
+
+Nothing is lost or replaced silently: over an existing experiment 05 refuses to start unless told
+(`train.resume=auto` continues it, refusing settings that would change the run; `train.overwrite: true`
+replaces it). `last.pt` is written at each epoch's end and every `train.checkpoint_every_min` minutes
+(and/or `train.checkpoint_every_steps` steps) inside an epoch; a resume from it continues with exactly
+the batches and random draws of an uninterrupted run. Ctrl-C or SIGTERM: checkpoint after the current
+batch, print the resume command, exit 130 (SIGINT) or 143 (SIGTERM).
 
 Reads:  runs/<run>/03_normalize/<train.method>/*.h5
 Writes (runs/<run>/05_train/<experiment>/):
     split.csv, experiment.json   the patches of each split; task, classes, model, mean/std
-    last.pt, best_acc.pt, best_loss.pt   checkpoints (model, optimizer, scheduler, epoch, best metrics,
-                                 early-stopping counter, RNG states, resolved config)
+    last.pt                      the whole training state (model, optimizer, scheduler, epoch and position
+                                 inside it, best metrics, early-stopping counter, RNG states, resolved config)
+    best_acc.pt, best_loss.pt    the model and what 06 needs (epoch, validation metrics, config, checkpoint_id)
     log.jsonl, curves.png        one JSON line per epoch; loss and accuracy curves
     summary.json
 
@@ -171,42 +181,6 @@ def tensorboard_writer(folder: Path):
     return SummaryWriter(log_dir=str(folder / "tensorboard"))
 
 
-def existing_run(folder: Path) -> str:
-    """What an experiment folder holds, in words; "" when nothing of a training run is there."""
-    if (folder / "summary.json").is_file():
-        return "finished"
-    if not any((folder / name).exists() for name in ("last.pt", "split.csv", "log.jsonl")):
-        return ""
-    log = folder / "log.jsonl"
-    epochs = len(log.read_text().splitlines()) if log.is_file() else 0
-    return f"interrupted after {epochs} epoch{'s' * (epochs != 1)}"
-
-
-def resume_from(cfg: dict, folder: Path, rank: int) -> dict | None:
-    """The checkpoint to continue from, or None for a fresh start: an existing experiment is continued
-    (train.resume) or replaced (train.overwrite) only when the user says so, and a resume whose settings
-    would change the run is refused with every difference listed."""
-    tc = cfg["train"]
-    if tc["overwrite"] and tc["resume"] != "never":
-        raise UserError(f"train.overwrite=true and train.resume={tc['resume']} contradict each other: choose one")
-    if tc["resume"] == "never":
-        found = existing_run(folder)
-        if found and not tc["overwrite"]:
-            raise UserError(f"experiment {folder.name!r} already exists ({found}; {folder}): continue it with "
-                            f"--set train.resume=auto, replace it with --set train.overwrite=true, or train "
-                            f"another with --set train.experiment=NAME")
-        return None
-    path = folder / "last.pt" if tc["resume"] == "auto" else Path(tc["resume"])
-    if tc["resume"] == "auto" and not path.is_file():
-        print(f"   resume auto: no {path}, starting fresh")
-        return None
-    checkpoint = engine.load_checkpoint(path)
-    allowed = engine.check_resume(checkpoint["config"], public(cfg), checkpoint["epoch"])
-    if allowed and rank == 0:
-        print(f"   changed since the checkpoint (allowed on resume): {'; '.join(allowed)}")
-    return checkpoint
-
-
 def resume_command(argv: list[str] | None, world: int) -> str:
     """The command line that continues this run: the same config and overrides, plus train.resume=auto."""
     args = cli.parse(argv, __doc__)
@@ -226,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (source / "dlbcl.h5").is_file():
         raise UserError(f"{source} has no patch sets: add {tc['method']!r} to normalize.methods and rerun 03")
     require_step(cfg, "03_normalize", outputs=[f"{tc['method']}/{stem}.h5" for stem in data.SET_STEMS])
-    checkpoint = resume_from(cfg, folder, rank)
+    checkpoint = engine.resume_checkpoint(cfg, folder, rank)
 
     # ---- model, optimiser, scheduler
     model = models.build_model(tc["model"], engine.num_outputs(tc["task"]), tc["weights"]).to(device)

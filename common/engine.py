@@ -1,9 +1,13 @@
 """What 05, 06 and 07 share about a trained experiment: heads and losses, batched prediction,
-checkpoints (data, not code: loaded with `weights_only=True`) and reloading an experiment.
+checkpoints (data, not code: loaded with `weights_only=True`) and reloading an experiment; and what
+05's loop leans on: which config changes a resume may carry, the guard that checkpoints inside an
+epoch and stops cleanly on Ctrl-C/SIGTERM, batches gathered on the device or the host, and the DDP
+ranks' one shared copy of the training set.
 
 An experiment folder `runs/<run>/05_train/<experiment>/` holds `split.csv`, `experiment.json`
-(task, classes, model, method, the training set's mean/std) and the checkpoints
-`best_acc.pt`, `best_loss.pt`, `last.pt`.
+(task, classes, model, method, the training set's mean/std) and the checkpoints `last.pt` (the whole
+training state) and `best_acc.pt`, `best_loss.pt` (the model). Every checkpoint carries a
+`checkpoint_id` (training run, epoch, step) that 06 records and 07 compares.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from common import data, models
+from common import config, data, models
 from common.config import UserError
 from common.steps import atomic_path, check_free_space, run_dir
 
@@ -165,6 +169,42 @@ def check_resume(saved_cfg: dict, cfg: dict, epochs_done: int) -> list[str]:
                         f"and would change the run ({'; '.join(refused)}); put them back, or start over with "
                         f"--set train.overwrite=true, or train a new --set train.experiment=NAME")
     return [f"{k}: {a!r} -> {b!r}" for k, a, b in diffs if not changes_meaning(k)]
+
+
+def existing_run(folder: Path) -> str:
+    """What an experiment folder holds, in words; "" when nothing of a training run is there."""
+    if (folder / "summary.json").is_file():
+        return "finished"
+    if not any((folder / name).exists() for name in ("last.pt", "split.csv", "log.jsonl")):
+        return ""
+    log = folder / "log.jsonl"
+    epochs = len(log.read_text().splitlines()) if log.is_file() else 0
+    return f"interrupted after {epochs} epoch{'s' * (epochs != 1)}"
+
+
+def resume_checkpoint(cfg: dict, folder: Path, rank: int) -> dict | None:
+    """The checkpoint to continue from, or None for a fresh start: an existing experiment is continued
+    (train.resume) or replaced (train.overwrite) only when the user says so, and a resume whose settings
+    would change the run is refused with every difference listed."""
+    tc = cfg["train"]
+    if tc["overwrite"] and tc["resume"] != "never":
+        raise UserError(f"train.overwrite=true and train.resume={tc['resume']} contradict each other: choose one")
+    if tc["resume"] == "never":
+        found = existing_run(folder)
+        if found and not tc["overwrite"]:
+            raise UserError(f"experiment {folder.name!r} already exists ({found}; {folder}): continue it with "
+                            f"--set train.resume=auto, replace it with --set train.overwrite=true, or train "
+                            f"another with --set train.experiment=NAME")
+        return None
+    path = folder / "last.pt" if tc["resume"] == "auto" else Path(tc["resume"])
+    if tc["resume"] == "auto" and not path.is_file():
+        print(f"   resume auto: no {path}, starting fresh")
+        return None
+    checkpoint = load_checkpoint(path)
+    allowed = check_resume(checkpoint["config"], config.public(cfg), checkpoint["epoch"])
+    if allowed and rank == 0:
+        print(f"   changed since the checkpoint (allowed on resume): {'; '.join(allowed)}")
+    return checkpoint
 
 
 def require_same_checkpoint(metrics_path: Path, meta: dict) -> None:
