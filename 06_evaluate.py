@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                            for src in np.unique(test.source)}
     m["colour_baseline_accuracy"] = colour_baseline(cols, source, test, seed)
     m |= {"n_test": len(test), "checkpoint": ec["checkpoint"], "tta": ec["tta"], "class_names": class_names}
+    m["checkpoint_id"] = meta["checkpoint_id"]  # 07 refuses these predictions once 05 has trained again
     write_predictions(folder / "predictions.csv", test, scores, class_names)
     write_json(folder / "metrics.json", m)
     plots.roc_curves(folder / "roc.png", metrics.roc_points(test.label, scores, class_names), folder.name)

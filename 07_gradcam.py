@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     model.to(device)
     name = engine.experiment_name(cfg)
     pred = read_predictions(require_step(cfg, "06_evaluate") / name / "predictions.csv")
+    engine.require_same_checkpoint(require_step(cfg, "06_evaluate") / name / "metrics.json", meta)
     source_dir = require_step(cfg, "03_normalize") / meta["method"]
     folder = step_dir(cfg, STEP) / name
     folder.mkdir(exist_ok=True)

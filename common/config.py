@@ -223,6 +223,11 @@ SCHEMA: dict[str, Any] = {
         "bf16": _f("bool"),
         "compile": _f("bool"),
         "resume": _f("path", keywords=("never", "auto")),
+        "overwrite": _f("bool"),
+        "checkpoint_every_min": _f("float", minimum=0.0, nullable=True),
+        "checkpoint_every_steps": _f("int", minimum=1, nullable=True),
+        "log_every_steps": _f("int", minimum=1),
+        "data_on_device": _f("choice", choices=("auto", "always", "never")),
     },
     "evaluate": {
         "checkpoint": _f("choice", choices=("best_acc", "best_loss", "last")),
