@@ -79,7 +79,7 @@ def _is_number(text: str) -> bool:
 
 
 def tile_one(job: dict) -> dict:
-    """Tile one slide in a worker process (each worker opens its own slide)."""
+    """Tile one slide in a worker process (each worker opens its own slide); the thumbnail stays here."""
     t = job["params"]
     rois = job["rois"]
     boxes = np.array([r[2] for r in rois], np.int64).reshape(-1, 4)
@@ -87,16 +87,12 @@ def tile_one(job: dict) -> dict:
         result = slides.tile_slide(
             job["path"], boxes,
             [f"{job['tma_id']} row {r[0]}" for r in rois], [r[1] for r in rois],
-            target_mpp=t["target_mpp"], patch_size_px=t["patch_size_px"], mpp_override=t["mpp_override"],
-            allow_objective_power=t["allow_objective_power"], max_read_px=t["max_read_px"],
-            quality={"hue_range": None, "saturation_range": t["saturation_range"],
-                     "value_range": t["value_range"]},
-            negatives=t["negatives"])
+            **slides.tile_options(t), negatives=t["negatives"])
     except slides.SlideError as err:
         return {"tma_id": job["tma_id"], "error": str(err)}
     slides.save_overview(job["overview"], result, boxes)
-    result.pop("thumbnail", None)
-    return {"tma_id": job["tma_id"], **result}
+    result.tissue = None
+    return {"tma_id": job["tma_id"], "tiles": result}
 
 
 def balance(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -116,7 +112,7 @@ def failure_message(empty: list[str], found: dict[str, int], skipped: list[dict]
     reasons = Counter(s["reason"] for s in skipped)
     for cls in empty:
         for part in parts:
-            for reason, n in part["counts"]["positive" if cls == "lymphoma" else "negative"]["rejected"].items():
+            for reason, n in part.counts["positive" if cls == "lymphoma" else "negative"]["rejected"].items():
                 reasons[f"{cls}_patch_{reason}"] += n
     top = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common(3)) or "nothing was skipped or rejected"
     message = (f"no {' and no '.join(empty)} patches ({found['lymphoma']} lymphoma, {found['negative']} negative "
@@ -161,15 +157,16 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in res:
             skipped.append({"item": f"slide {res['tma_id']}", "reason": "slide_error", "detail": res["error"]})
             continue
-        skipped += res["skipped"]
-        per_slide[res["tma_id"]] = {"level": res["level"], "counts": res["counts"], "kept": len(res["y"])}
-        parts.append(res)
+        tiles = res["tiles"]
+        skipped += tiles.skipped
+        per_slide[res["tma_id"]] = {"level": tiles.grid.level, "counts": tiles.counts, "kept": len(tiles.y)}
+        parts.append(tiles)
 
     for item in skipped[:10]:
         print(f"   skipped {item['item']}: {item['reason']} ({item.get('detail', '')})")
 
     # ---- a patch set without lymphoma (or without the negatives asked for) trains nothing: fail loudly
-    y = np.concatenate([np.zeros(0, np.uint8), *(p["y"] for p in parts)]).astype(np.uint8)
+    y = np.concatenate([np.zeros(0, np.uint8), *(p.y for p in parts)]).astype(np.uint8)
     found = {"lymphoma": int((y == 1).sum()), "negative": int((y == 0).sum())}
     empty = [cls for cls in ("lymphoma", "negative") if found[cls] == 0 and (cls == "lymphoma" or t["negatives"])]
     if empty:
@@ -179,13 +176,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {message}; see {out / 'summary.json'}", file=sys.stderr)
         return 1
     n_total = len(y)
-    x = np.concatenate([p["x"] for p in parts])
-    group = np.concatenate([p["group"] for p in parts])
-    coords = np.concatenate([p["coords"] for p in parts])
+    x = np.concatenate([p.x for p in parts])
+    group = np.concatenate([p.group for p in parts])
+    coords = np.concatenate([p.coords for p in parts])
     keep = balance(y, np.random.default_rng(cfg["run"]["seed"])) if t["balance"] else np.arange(len(y))
 
     with PatchSetWriter(out / "dlbcl.h5", source="dlbcl", split="all", mpp=t["target_mpp"],
-                        provenance=provenance(cfg, STEP), patch_size_px=t["patch_size_px"]) as writer:
+                        provenance=provenance(cfg, STEP)) as writer:
         writer.append(x[keep], y[keep], group[keep], coords[keep])
     n_pos, n_neg = int((y[keep] == 1).sum()), int((y[keep] == 0).sum())
     write_summary(out, STEP, cfg, started, slides=per_slide, n_patches=len(keep), n_positive=n_pos,
