@@ -1,8 +1,9 @@
 """02 · Tile the DLBCL-Morph H&E TMA slides into 96x96 patches at PCam's scale (thesis §5.1.2).
 
 Reads (data.dlbcl_dir), the release as published:
-    TMA/annotations.csv          7 columns in order: patient id, tma_id, stain, xs, ys, xe, ye
-                                 (ROI boxes in level-0 pixels); rows of other stains are ignored
+    TMA/annotations.csv          columns found by name in the header row (any order, case and spaces
+                                 ignored, others ignored): patient_id (or pat_id), tma_id, stain,
+                                 xs, ys, xe, ye (ROI boxes in level-0 px); rows of other stains ignored
     TMA/<stain>/<tma_id>.svs     the slides (OpenSlide), µm/px from openslide.mpp-x
 Writes (runs/<run>/02_tile_dlbcl/):
     dlbcl.h5                     patch set: y = 1 inside an ROI (lymphoma), 0 tissue outside every
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import math
+import re
 import sys
 import time
 from collections import Counter
@@ -39,43 +42,78 @@ from common.steps import begin_step, provenance, write_summary
 STEP = "02_tile_dlbcl"
 
 
+# annotations.csv columns by name (after lower-casing and turning spaces and hyphens into "_"), with the
+# other names each may go by; any order, other columns (e.g. a pandas index) ignored.
+ANNOTATION_COLUMNS = {"patient_id": ("patient_id", "pat_id"), "tma_id": ("tma_id",), "stain": ("stain",),
+                      "xs": ("xs",), "ys": ("ys",), "xe": ("xe",), "ye": ("ye",)}
+
+
+def _column_name(text: str) -> str:
+    return re.sub(r"[\s-]+", "_", text.strip().lower())
+
+
+def annotation_columns(header: list[str], path: Path) -> dict[str, int]:
+    """Index of each of ``ANNOTATION_COLUMNS`` in the header row.
+
+    Raises:
+        UserError: a column is missing or given twice (one line: expected names, names found)."""
+    names = [_column_name(h) for h in header]
+    found, problems = {}, []
+    for column, aliases in ANNOTATION_COLUMNS.items():
+        where = [i for i, name in enumerate(names) if name in aliases]
+        if len(where) == 1:
+            found[column] = where[0]
+        else:
+            problems.append(f"{'no' if not where else 'more than one'} {column!r} column")
+    if problems:
+        expected = ", ".join(" or ".join(a) for a in ANNOTATION_COLUMNS.values())
+        raise UserError(f"{path}: {'; '.join(problems)}; expected a header row with the columns {expected} "
+                        f"(any order, case and spaces ignored), found: {', '.join(map(repr, header)) or 'nothing'}")
+    return found
+
+
 def read_annotations(path: Path, stain: str) -> tuple[dict[str, list], list[dict], Counter]:
     """ROIs of one stain grouped by tma_id, the rows skipped as malformed, and the stains seen.
 
-    Blank rows (a trailing empty line, or only commas as spreadsheets export them) are ignored.
+    Columns are found by name in the header row (``annotation_columns``). Blank rows (a trailing empty
+    line, or only commas as spreadsheets export them) are ignored.
 
     Returns:
         ({tma_id: [(row_number, patient_id, (xs, ys, xe, ye)), ...]}, [{item, reason}, ...],
          Counter {stain: rows} over the well-formed rows)
+
+    Raises:
+        UserError: the file is missing or its header lacks a column.
     """
     if not path.is_file():
         raise UserError(f"annotations not found: {path} (expected the DLBCL-Morph layout TMA/annotations.csv)")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.reader(f))
-    has_header = bool(rows) and len(rows[0]) >= 7 and not _is_number(rows[0][3])
+    col = annotation_columns(rows[0] if rows else [], path)
+    box_columns = [col[c] for c in ("xs", "ys", "xe", "ye")]
+    width = max(col.values()) + 1
     by_slide: dict[str, list] = {}
     skipped, stains = [], Counter()
-    for number, row in enumerate(rows[has_header:], start=1 + has_header):
+    for number, row in enumerate(rows[1:], start=2):
         if not any(v.strip() for v in row):
             continue
-        if len(row) < 7 or not all(_is_number(v) for v in row[3:7]):
+        if len(row) < width or not all(_is_number(row[i]) for i in box_columns):
             skipped.append({"item": f"annotations.csv row {number}", "reason": "malformed_row",
-                            "detail": f"expected 7 columns with numeric xs, ys, xe, ye, got {row!r}"})
+                            "detail": f"expected {width} columns with numeric xs, ys, xe, ye, got {row!r}"})
             continue
-        stains[row[2].strip()] += 1
-        if row[2].strip() != stain:
+        stains[row[col["stain"]].strip()] += 1
+        if row[col["stain"]].strip() != stain:
             continue
-        box = tuple(int(float(v)) for v in row[3:7])
-        by_slide.setdefault(row[1].strip(), []).append((number, row[0].strip(), box))
+        box = tuple(int(float(row[i])) for i in box_columns)
+        by_slide.setdefault(row[col["tma_id"]].strip(), []).append((number, row[col["patient_id"]].strip(), box))
     return by_slide, skipped, stains
 
 
 def _is_number(text: str) -> bool:
     try:
-        float(text)
+        return math.isfinite(float(text))
     except ValueError:
         return False
-    return True
 
 
 def tile_one(job: dict) -> dict:

@@ -156,3 +156,33 @@ def test_blank_rows_are_ignored_not_malformed(tmp_path, tile_script):
     assert by_slide == {"TA1": [(2, "1", (0, 0, 10, 10))]}
     assert [(s["item"], s["reason"]) for s in skipped] == [("annotations.csv row 6", "malformed_row")]
     assert stains == {"HE": 1}
+
+
+def test_annotation_columns_are_found_by_name(tmp_path, tile_script):
+    """Any column order, case and spaces, pat_id for patient_id, extra columns (a pandas index) ignored."""
+    reference = tmp_path / "reference.csv"
+    reference.write_text("patient_id,tma_id,stain,xs,ys,xe,ye\n7,TA1,HE,10,20,110,220\n8,TA2,HE,1,2,3,4\n")
+    expected = tile_script.read_annotations(reference, "HE")
+    assert expected[0] == {"TA1": [(2, "7", (10, 20, 110, 220))], "TA2": [(3, "8", (1, 2, 3, 4))]}
+    variants = {
+        "reordered": "tma_id,stain,patient_id,ys,xs,ye,xe\nTA1,HE,7,20,10,220,110\nTA2,HE,8,2,1,4,3\n",
+        "pandas_index": ",patient_id,tma_id,stain,xs,ys,xe,ye\n0,7,TA1,HE,10,20,110,220\n1,8,TA2,HE,1,2,3,4\n",
+        "names": " Pat_ID ,TMA id,Stain,XS,Ys , xe,YE,comment\n7,TA1,HE,10,20,110,220,ok\n8,TA2,HE,1,2,3,4,\n",
+    }
+    for name, text in variants.items():
+        (tmp_path / f"{name}.csv").write_text(text)
+        assert tile_script.read_annotations(tmp_path / f"{name}.csv", "HE") == expected, name
+
+
+def test_a_missing_annotation_column_is_one_line_naming_expected_and_found(tmp_path, tile_script):
+    path = tmp_path / "annotations.csv"
+    path.write_text("patient,tma_id,stain,xs,ys,xe\n7,TA1,HE,10,20,110\n")
+    with pytest.raises(UserError) as error:
+        tile_script.read_annotations(path, "HE")
+    assert str(error.value) == (
+        f"{path}: no 'patient_id' column; no 'ye' column; expected a header row with the columns "
+        "patient_id or pat_id, tma_id, stain, xs, ys, xe, ye (any order, case and spaces ignored), "
+        "found: 'patient', 'tma_id', 'stain', 'xs', 'ys', 'xe'")
+    path.write_text("1,TA1,HE,0,0,500,500\n")  # no header row
+    with pytest.raises(UserError, match=r"no 'patient_id' column; no 'tma_id' column.*found: '1', 'TA1', 'HE'"):
+        tile_script.read_annotations(path, "HE")
