@@ -13,7 +13,8 @@ Writes (runs/<run>/02_tile_dlbcl/):
                                  malformed_row, missing_slide, slide_error (unreadable, no mpp),
                                  roi_empty, roi_outside_slide, roi_smaller_than_patch,
                                  roi_all_patches_rejected; `outputs` lists dlbcl.h5 when this run wrote it
-Fails (exit 1, summary.json with `error`) when lymphoma, or negatives with tile_dlbcl.negatives, get no patch.
+Fails (exit 2, summary.json with `error`) when lymphoma, or negatives with tile_dlbcl.negatives, get no patch
+(e.g. every slide skipped: the line names the first slide's reason, such as a missing mpp, with advice).
 
 Usage:
     python 02_tile_dlbcl.py --config config.yaml [--set tile_dlbcl.mpp_override=0.25]
@@ -143,10 +144,11 @@ def balance(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.sort(np.concatenate([rng.choice(pos, n, replace=False), rng.choice(neg, n, replace=False)]))
 
 
-def failure_message(empty: list[str], found: dict[str, int], skipped: list[dict], parts: list[dict],
+def failure_message(empty: list[str], found: dict[str, int], skipped: list[dict], parts: list,
                     n_slides: int, missing_pattern: Path) -> str:
-    """Why a class got no patch: the top skip and quality-filter reasons with counts, and the slide path
-    looked for when slides were missing (the usual cause: a stain folder named differently)."""
+    """Why a class got no patch: the top skip and quality-filter reasons with counts, the slide path
+    looked for when slides were missing (the usual cause: a stain folder named differently), and the
+    first slide's error when no slide could be tiled (e.g. no mpp, with advice that fits the slide)."""
     reasons = Counter(s["reason"] for s in skipped)
     for cls in empty:
         for part in parts:
@@ -159,6 +161,9 @@ def failure_message(empty: list[str], found: dict[str, int], skipped: list[dict]
         folders = sorted(p.name for p in missing_pattern.parent.parent.iterdir() if p.is_dir())
         message += (f"; {reasons['missing_slide']} of {n_slides} slides missing, looked for {missing_pattern} "
                     f"(folders in {missing_pattern.parent.parent}: {', '.join(folders) or 'none'})")
+    errors = [s for s in skipped if s["reason"] == "slide_error"]
+    if errors and not parts:
+        message += f"; no slide could be tiled, {errors[0]['item']}: {errors[0]['detail']}"
     return message
 
 
@@ -211,8 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         message = failure_message(empty, found, skipped, parts, len(by_slide), tma / t["stain"] / "<tma_id>.svs")
         write_summary(out, STEP, cfg, started, slides=per_slide, n_patches=0, found=found, skipped=skipped,
                       error=message, outputs=[])
-        print(f"error: {message}; see {out / 'summary.json'}", file=sys.stderr)
-        return 1
+        raise UserError(f"{message}; see {out / 'summary.json'}")
     n_total = len(y)
     x = np.concatenate([p.x for p in parts])
     group = np.concatenate([p.group for p in parts])

@@ -92,15 +92,41 @@ def _positive_float(raw) -> float | None:
     return value if math.isfinite(value) and value > 0 else None
 
 
+# Level-0 um/px of typical scans at 20x and 40x, by openslide.vendor (others: the usual 0.50 and 0.25).
+TYPICAL_MPP = {"aperio": (0.50, 0.25), "hamamatsu": (0.46, 0.23)}
+
+
+def missing_mpp_advice(slide, name: str) -> str:
+    """One line for a slide without ``openslide.mpp-x``: what is known of it (vendor, objective power,
+    size) and what to set, with the typical um/px of its vendor's 20x and 40x scans and the physical
+    size each would give the slide (a TMA slide's tissue area is a few cm at most)."""
+    vendor = slide.properties.get(openslide.PROPERTY_NAME_VENDOR) or "unknown vendor"
+    power = _positive_float(slide.properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
+    width, height = slide.dimensions
+    mpp_20x, mpp_40x = TYPICAL_MPP.get(vendor, (0.50, 0.25))
+    known = f"{vendor}, {width} x {height} px, " + (f"objective power {power:g}x" if power else "no objective power")
+    advice = f"slide {name} ({known}) has no openslide.mpp-x; set tile_dlbcl.mpp_override to its level-0 um/px"
+    if power:
+        return (f"{advice} ({vendor} scans at {power:g}x are usually about {mpp_40x * 40 / power:.2f} um/px), or "
+                f"enable tile_dlbcl.allow_objective_power to use 10 / {power:g} = {10 / power:.3g} um/px")
+
+    def mm(mpp: float) -> str:
+        return f"{width * mpp / 1e3:.1f} x {height * mpp / 1e3:.1f} mm"
+
+    return (f"{advice}: typical {vendor} scans are {mpp_20x:.2f} um/px at 20x (the slide would be {mm(mpp_20x)}) "
+            f"and {mpp_40x:.2f} at 40x ({mm(mpp_40x)})")
+
+
 def slide_mpp(slide, name: str, mpp_override: float | None = None,
               allow_objective_power: bool = False) -> float:
     """Level-0 microns per pixel of a slide.
 
     Order: ``openslide.mpp-x``; else ``mpp_override``; else, if allowed, 10 / objective power (the
-    usual 40x = 0.25 um/px convention, a guess); else an error.
+    usual 40x = 0.25 um/px convention, a guess); else an error with advice that fits the slide
+    (``missing_mpp_advice``).
 
     Args:
-        slide: an OpenSlide (anything with a ``properties`` mapping).
+        slide: an OpenSlide (anything with ``properties`` and ``dimensions``).
         name: the slide's name for messages.
         mpp_override: um/px to use where the slide has no ``openslide.mpp-x``.
         allow_objective_power: fall back to ``openslide.objective-power``.
@@ -118,14 +144,10 @@ def slide_mpp(slide, name: str, mpp_override: float | None = None,
         if _positive_float(mpp_override) is None:
             raise SlideError(f"slide {name}: mpp_override must be a positive number (um/px), got {mpp_override}")
         return float(mpp_override)
-    if allow_objective_power:
-        power = _positive_float(slide.properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
-        if power is not None:
-            return 10.0 / power
-        raise SlideError(f"slide {name} has neither openslide.mpp-x nor openslide.objective-power; "
-                         "set tile_dlbcl.mpp_override (um/px)")
-    raise SlideError(f"slide {name} has no openslide.mpp-x; set tile_dlbcl.mpp_override (um/px) "
-                     "or enable tile_dlbcl.allow_objective_power")
+    power = _positive_float(slide.properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
+    if allow_objective_power and power is not None:
+        return 10.0 / power
+    raise SlideError(missing_mpp_advice(slide, name))
 
 
 def pick_level(level_downsamples, wanted_downsample: float, rel_tolerance: float = 0.01) -> int:

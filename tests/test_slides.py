@@ -34,6 +34,7 @@ CMU_ROI = (1000, 1500, 1600, 2500)  # epithelium and stroma on the CMU region
 class FakeSlide:
     def __init__(self, properties):
         self.properties = properties
+        self.dimensions = (40000, 30000)
 
 
 def direct_read(slide, x, y, level, size):
@@ -70,18 +71,24 @@ def test_slide_mpp_sources_and_missing_mpp_error():
     with pytest.raises(SlideError) as missing:
         slide_mpp(tcga, "tcga.svs")
     # The message names the real config keys (tile_dlbcl.*), so the user can paste them into --set.
-    assert str(missing.value) == ("slide tcga.svs has no openslide.mpp-x; set tile_dlbcl.mpp_override (um/px) "
-                                  "or enable tile_dlbcl.allow_objective_power")
+    assert str(missing.value) == ("slide tcga.svs (aperio, 4443 x 3567 px, no objective power) has no openslide.mpp-x; "
+                                  "set tile_dlbcl.mpp_override to its level-0 um/px: typical aperio scans are "
+                                  "0.50 um/px at 20x (the slide would be 2.2 x 1.8 mm) and 0.25 at 40x (1.1 x 0.9 mm)")
     assert slide_mpp(tcga, "tcga.svs", mpp_override=0.25) == 0.25
     with pytest.raises(SlideError, match="mpp_override must be a positive number"):
         slide_mpp(tcga, "tcga.svs", mpp_override=-1.0)
     # The metadata wins over the override; the objective-power fallback is off unless asked for.
     assert slide_mpp(open_slide(CMU), "cmu", mpp_override=0.25) == pytest.approx(0.499)
-    forty_x = FakeSlide({"openslide.objective-power": "40"})
+    forty_x = FakeSlide({"openslide.objective-power": "40", "openslide.vendor": "hamamatsu"})
     assert slide_mpp(forty_x, "f", allow_objective_power=True) == pytest.approx(0.25)
-    with pytest.raises(SlideError, match="no openslide.mpp-x"):
+    with pytest.raises(SlideError) as missing:
         slide_mpp(forty_x, "f")
-    with pytest.raises(SlideError, match=r"nor openslide.objective-power; set tile_dlbcl\.mpp_override \(um/px\)$"):
+    assert str(missing.value) == ("slide f (hamamatsu, 40000 x 30000 px, objective power 40x) has no openslide.mpp-x; "
+                                  "set tile_dlbcl.mpp_override to its level-0 um/px (hamamatsu scans at 40x are "
+                                  "usually about 0.23 um/px), or enable tile_dlbcl.allow_objective_power to use "
+                                  "10 / 40 = 0.25 um/px")
+    with pytest.raises(SlideError, match=r"^slide f \(unknown vendor, 40000 x 30000 px, no objective power\) has no "
+                                         r"openslide.mpp-x; .* 0.50 um/px at 20x \(the slide would be 20.0 x 15.0 mm"):
         slide_mpp(FakeSlide({}), "f", allow_objective_power=True)
 
 
@@ -253,7 +260,7 @@ def test_reads_stay_bounded(monkeypatch):
 
 def test_tcga_without_mpp_fails_clearly_and_works_with_override():
     rois = np.array([[1500, 1000, 2600, 2000]])
-    with pytest.raises(SlideError, match=r"slide tcga-cr-7395-01a-01-ts1\.svs has no openslide\.mpp-x"):
+    with pytest.raises(SlideError, match=r"^slide tcga-cr-7395-01a-01-ts1\.svs \(aperio, .*\) has no openslide\.mpp-x"):
         tile_slide(TCGA, rois, ["r"], ["p"])
     result = tile_slide(TCGA, rois, ["r"], ["p"], mpp_override=0.25, negatives=False)
     # wanted downsample 0.972 / 0.25 = 3.888: level 1 (2.0005), shrunk a further 1.94x.
