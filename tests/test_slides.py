@@ -136,7 +136,7 @@ def test_read_patches_at_a_lower_level_equal_direct_reads(tmp_path):
     rois = np.array([[0, 0, 1000, 1000]])
     result = tile_slide(tmp_path / "tissue.tiff", rois, ["r"], ["p"], target_mpp=1.0, patch_size_px=32,
                         quality={"hue_range": None, "saturation_range": None, "value_range": None},
-                        negatives=False, max_read_px=100)
+                        negatives="none", max_read_px=100)
     assert result.grid.level == 1 and result.grid.patch_level0_px == 128.0
     assert len(result.x) == 49  # floor(1000 / 128) ** 2
     written = np.stack([levels[1][y // 4:y // 4 + 32, x // 4:x // 4 + 32] for x, y in result.coords])
@@ -217,7 +217,7 @@ def test_thumbnail_reads_the_coarsest_level_that_gives_its_size(tmp_path, monkey
 
 def test_cmu_single_level_pcam_scale_patches_inside_roi():
     rois = np.array([CMU_ROI])
-    result = tile_slide(CMU, rois, ["roi0"], ["patient7"], negatives=False)
+    result = tile_slide(CMU, rois, ["roi0"], ["patient7"], negatives="none")
     downsample = 0.972 / 0.499
     assert result.grid.level == 0 and result.grid.target_mpp == pytest.approx(0.972)
     assert result.grid.downsample == pytest.approx(1.948, abs=1e-3)
@@ -262,7 +262,7 @@ def test_tcga_without_mpp_fails_clearly_and_works_with_override():
     rois = np.array([[1500, 1000, 2600, 2000]])
     with pytest.raises(SlideError, match=r"^slide tcga-cr-7395-01a-01-ts1\.svs \(aperio, .*\) has no openslide\.mpp-x"):
         tile_slide(TCGA, rois, ["r"], ["p"])
-    result = tile_slide(TCGA, rois, ["r"], ["p"], mpp_override=0.25, negatives=False)
+    result = tile_slide(TCGA, rois, ["r"], ["p"], mpp_override=0.25, negatives="none")
     # wanted downsample 0.972 / 0.25 = 3.888: level 1 (2.0005), shrunk a further 1.94x.
     assert result.grid.level == 1
     assert result.grid.patch_level0_px == pytest.approx(96 * 3.888)
@@ -273,11 +273,11 @@ def test_tcga_without_mpp_fails_clearly_and_works_with_override():
     assert (xy >= [1500, 1000]).all() and (xy + 96 * 3.888 <= [2600, 2000]).all()
 
 
-@pytest.mark.parametrize("factor, level", [(1.0, 0), (2.0, 1), (4.0, 2), (4.0161, 2), (8.0, 2), (8.0863, 3)])
+@pytest.mark.parametrize("factor, level", [(1.0, 0), (2.0, 1), (4.0, 2), (4.0161, 2), (8.0, 3), (8.0863, 3)])
 def test_boxes_levels_from_target_mpp(factor, level):
     mpp = open_slide(BOXES).properties["openslide.mpp-x"]
     result = tile_slide(BOXES, np.array([[0, 0, 300, 250]]), ["r"], ["p"], target_mpp=float(mpp) * factor,
-                        patch_size_px=8, negatives=False,
+                        patch_size_px=8, negatives="none",
                         quality={"hue_range": None, "saturation_range": None, "value_range": None})
     assert result.grid.level == level
     side = 8 * factor
@@ -295,7 +295,7 @@ def test_bad_rois_are_skipped_with_reasons_and_counts():
         [2100, 2800, 2400, 3100],  # partly outside: clipped to (2100, 2800, 2220, 2967), too small
     ])
     ids = ["good", "outside", "reversed", "flat", "tiny", "glass", "edge"]
-    result = tile_slide(CMU, rois, ids, [f"p{i}" for i in range(7)], negatives=False)
+    result = tile_slide(CMU, rois, ids, [f"p{i}" for i in range(7)], negatives="none")
     assert [(s["item"], s["reason"]) for s in result.skipped] == [
         ("cmu-1-small-region.svs:flat", "roi_empty"),
         ("cmu-1-small-region.svs:reversed", "roi_empty"),
@@ -390,3 +390,34 @@ def test_tile_tissue_is_02s_grid_and_rules_without_rois():
     step = tiles.grid.patch_level0_px
     np.testing.assert_array_equal(tiles.coords % 1, 0)
     np.testing.assert_allclose(tiles.coords / step, np.rint(tiles.coords / step), atol=0.01)
+
+
+def test_balance_reads_only_the_negatives_it_needs(monkeypatch):
+    """One negative per kept positive, drawn at random from the candidates before reading; the other
+    candidates are never read (reported as dropped) and the draw is the same for the same seed."""
+    rois = np.array([[900, 600, 1500, 1200]])  # 3 x 3 positives on a slide with ~50 tissue cells outside
+    everything = tile_slide(CMU, rois, ["a"], ["p"], thumbnail_px=512)
+    calls = recording_reads(monkeypatch)
+    balanced = tile_slide(CMU, rois, ["a"], ["p"], thumbnail_px=512, balance=True, seed=1)
+    n_pos = balanced.counts["positive"]["kept"]
+    assert n_pos == 8 and balanced.counts["negative"]["kept"] == n_pos and (balanced.y == 0).sum() == n_pos
+    negatives = balanced.coords[balanced.y == 0]
+    neg = everything.y == 0
+    candidates = np.concatenate([everything.coords[neg], everything.rejected_coords[everything.rejected_y == 0]])
+    assert len(candidates) == 46
+    # The kept negatives are candidates of the unbalanced run, with the very same pixels.
+    same = (everything.coords[:, None] == negatives[None]).all(axis=2)
+    assert same.sum() == n_pos
+    np.testing.assert_array_equal(everything.x[same.any(axis=1)], balanced.x[balanced.y == 0])
+    # Read: the 9 positive cells and ceil(8 * 1.1) + 8 = 17 drawn candidates, not all 46; dropped: the 29
+    # never drawn and the 8 drawn that passed beyond the 8 needed (one drawn was rejected).
+    assert balanced.patches_read == 9 + 17 and everything.patches_read == 9 + 46
+    assert balanced.counts["negative"] == {"kept": 8, "rejected": {"high_value": 1}, "dropped": 37}
+    assert len(balanced.dropped_coords) == 37 and (balanced.dropped_y == 0).all()
+    patch_px = round(balanced.grid.patch_level0_px)
+    read_px = sum(size[0] * size[1] for _, level, size in calls if size[1] == patch_px)
+    assert read_px <= 26 * patch_px * (patch_px + 1)
+    again = tile_slide(CMU, rois, ["a"], ["p"], thumbnail_px=512, balance=True, seed=1)
+    np.testing.assert_array_equal(again.coords, balanced.coords)
+    other = tile_slide(CMU, rois, ["a"], ["p"], thumbnail_px=512, balance=True, seed=2)
+    assert not np.array_equal(other.coords, balanced.coords)
