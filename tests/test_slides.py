@@ -421,3 +421,31 @@ def test_balance_reads_only_the_negatives_it_needs(monkeypatch):
     np.testing.assert_array_equal(again.coords, balanced.coords)
     other = tile_slide(CMU, rois, ["a"], ["p"], thumbnail_px=512, balance=True, seed=2)
     assert not np.array_equal(other.coords, balanced.coords)
+
+
+def test_negatives_modes_on_three_cores_one_with_an_roi(tmp_path):
+    """Three round cores of real H&E on glass at 0.972 um/px (a patch is 96 level-0 px); an ROI in the
+    left core only. all: tissue outside the ROI in every core; cores_without_roi: exactly those of the
+    two cores without an ROI; none: no negatives."""
+    tissue = cv2.cvtColor(cv2.imread(str(TISSUE_IMAGE)), cv2.COLOR_BGR2RGB)
+    image = np.full((480, 1680, 3), 242, np.uint8)
+    yy, xx = np.mgrid[:480, :1680]
+    core = np.zeros((480, 1680), np.int64)
+    for index, cx in enumerate((240, 840, 1440), start=1):  # 200 px of glass between cores
+        inside = (xx - cx) ** 2 + (yy - 240) ** 2 < 200 ** 2
+        image[inside] = tissue[yy[inside] % 1000, xx[inside] % 1000]
+        core[inside] = index
+    write_pyramid(tmp_path / "tma.tiff", image, mpp=0.972, factors=(4,))
+    rois = np.array([[144, 144, 336, 336]])  # 2 x 2 patches in the left core
+    no_filter = {"hue_range": None, "saturation_range": None, "value_range": None}
+    negatives = {}
+    for mode in ("all", "cores_without_roi", "none"):
+        result = tile_slide(tmp_path / "tma.tiff", rois, ["r"], ["p"], quality=no_filter, negatives=mode)
+        assert result.counts["positive"]["kept"] == 4 and (result.group == "p").all()
+        negatives[mode] = result.coords[result.y == 0]
+    on_core = core[negatives["all"][:, 1] + 48, negatives["all"][:, 0] + 48]  # the core under each centre
+    assert (on_core > 0).all() and set(np.bincount(on_core, minlength=4)[1:] > 0) == {True}
+    np.testing.assert_array_equal(negatives["cores_without_roi"], negatives["all"][on_core != 1])
+    assert len(negatives["none"]) == 0
+    with pytest.raises(SlideError, match="negatives must be one of all, cores_without_roi, none"):
+        tile_slide(tmp_path / "tma.tiff", rois, ["r"], ["p"], negatives="benign")
