@@ -7,9 +7,14 @@ Reads (data.dlbcl_dir), the release as published:
     TMA/<stain>/<tma_id>.svs     the slides (OpenSlide), µm/px from openslide.mpp-x
 Writes (runs/<run>/02_tile_dlbcl/):
     dlbcl.h5                     patch set: y = 1 inside an ROI (lymphoma), 0 tissue outside every
-                                 ROI (the thesis's "remaining areas"); group = patient id; coords level-0
-    overview/<tma_id>.png        thumbnail with ROIs, kept (green) and rejected (red) patch boxes
-    summary.json                 counts per slide, and every skipped row, ROI or slide with its reason:
+                                 ROI (the thesis's "remaining areas"; tile_dlbcl.negatives), i.e.
+                                 unannotated tissue of lymphoma patients, not known to be benign;
+                                 group = patient id; coords level-0; with balance 50/50, and negatives
+                                 drawn before reading, one per kept lymphoma patch per slide
+    overview/<tma_id>.png        thumbnail with a title and a legend with counts: ROIs, kept lymphoma, kept
+                                 negatives, patches dropped by balance, patches rejected by the filter
+    summary.json                 `slides`: per slide the level read, its µm/px, patches read and kept;
+                                 `negatives_are`; counts, and every skipped row, ROI or slide with its reason:
                                  malformed_row, missing_slide, slide_error (unreadable, no mpp),
                                  roi_empty, roi_outside_slide, roi_smaller_than_patch,
                                  roi_all_patches_rejected; `outputs` lists dlbcl.h5 when this run wrote it

@@ -10,6 +10,8 @@ import pytest
 import tifffile
 
 from common.slides import (
+    OVERVIEW_COLOURS,
+    OVERVIEW_TITLE_PX,
     SlideError,
     open_slide,
     pick_level,
@@ -342,11 +344,12 @@ def test_negatives_are_tissue_outside_rois_with_one_group_per_tissue_piece(tmp_p
     assert (hsv[..., 1].mean(axis=1) / 255 > 0.065).all() and (hsv[..., 2].mean(axis=1) / 255 < 0.81).all()
 
     path = save_overview(tmp_path / "overview" / "cmu.png", result, rois)
-    image = cv2.imread(str(path))
-    assert image.shape == result.tissue.thumbnail.shape
-    blue = (image[..., 0] == 255) & (image[..., 1] == 0) & (image[..., 2] == 0)
-    green = (image[..., 0] == 0) & (image[..., 1] == 200) & (image[..., 2] == 0)
-    assert blue.sum() > 100 and green.sum() > 100
+    image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    thumb_h, thumb_w = result.tissue.thumbnail.shape[:2]
+    assert image.shape[0] > OVERVIEW_TITLE_PX + thumb_h and image.shape[1] >= thumb_w
+    on_map = image[OVERVIEW_TITLE_PX:OVERVIEW_TITLE_PX + thumb_h, :thumb_w]
+    for key in ("roi", "positive", "negative"):
+        assert (on_map == OVERVIEW_COLOURS[key]).all(axis=2).sum() > 50, key
     assert not list((tmp_path / "overview").glob("*.tmp"))
 
 
@@ -449,3 +452,28 @@ def test_negatives_modes_on_three_cores_one_with_an_roi(tmp_path):
     assert len(negatives["none"]) == 0
     with pytest.raises(SlideError, match="negatives must be one of all, cores_without_roi, none"):
         tile_slide(tmp_path / "tma.tiff", rois, ["r"], ["p"], negatives="benign")
+
+
+def test_overview_draws_balance_dropped_patches_in_their_colour_with_a_legend(tmp_path):
+    rois = np.array([[900, 600, 1500, 1200]])
+    result = tile_slide(CMU, rois, ["a"], ["p"], thumbnail_px=512, balance=True, seed=1)
+    assert len(result.dropped_coords) == 37
+    image = cv2.cvtColor(cv2.imread(str(save_overview(tmp_path / "o.png", result, rois))), cv2.COLOR_BGR2RGB)
+    scale, side = result.tissue.scale, result.grid.patch_level0_px
+    # The middle of each dropped patch's top edge, in the PNG: the dropped colour exactly, on most of
+    # them (a neighbour's outline may share a pixel after rounding).
+    x = np.rint((result.dropped_coords[:, 0] + side / 2) * scale).astype(int)
+    y = np.rint(result.dropped_coords[:, 1] * scale).astype(int) + OVERVIEW_TITLE_PX
+    dropped = (image[y, x] == OVERVIEW_COLOURS["dropped"]).all(axis=1)
+    assert dropped.mean() > 0.8
+    # Inside the patch the thumbnail is tinted toward the colour, not replaced: closer to it than before.
+    inside = image[y + 3, x] .astype(int)
+    before = result.tissue.thumbnail[y + 3 - OVERVIEW_TITLE_PX, x].astype(int)
+    colour = np.array(OVERVIEW_COLOURS["dropped"])
+    assert (np.abs(inside - colour).sum(1) < np.abs(before - colour).sum(1)).mean() > 0.9
+    # The legend's colour squares: one per category, below the map.
+    legend = image[OVERVIEW_TITLE_PX + result.tissue.thumbnail.shape[0]:, :30]
+    for key, rgb in OVERVIEW_COLOURS.items():
+        assert (legend == rgb).all(axis=2).sum() >= 100, key
+    # The five colours are distinct.
+    assert len(set(OVERVIEW_COLOURS.values())) == 5
