@@ -156,11 +156,11 @@ SCHEMA: dict[str, Any] = {
     "tile_dlbcl": {
         "stain": _f("str"),
         "target_mpp": _f("float", minimum=0.01),
-        "patch_size_px": _f("int", minimum=8),
         "mpp_override": _f("float", minimum=0.01, nullable=True),
         "allow_objective_power": _f("bool"),
+        "scale_tolerance": _f("float", minimum=0.0, maximum=0.5),
         "max_read_px": _f("int", minimum=256),
-        "negatives": _f("bool"),
+        "negatives": _f("choice", choices=("all", "cores_without_roi", "none")),
         "balance": _f("bool"),
         "saturation_range": _f("range", nullable=True, **UNIT),
         "value_range": _f("range", nullable=True, **UNIT),
