@@ -1,11 +1,11 @@
 """03 · Stain-normalise both datasets to one reference (Macenko, Vahadane, Reinhard; thesis §5.1.1).
 
 Reads:
-    runs/<run>/01_filter_pcam/{train,valid,test}.h5   (PCam patch sets)
+    runs/<run>/01_filter_pcam/{train,valid,test,test_official}.h5   (PCam patch sets)
     runs/<run>/02_tile_dlbcl/dlbcl.h5                 (DLBCL patch set)
     normalize.reference                               a reference image, or `auto`
 Writes (runs/<run>/03_normalize/):
-    <method>/{pcam_train,pcam_valid,pcam_test,dlbcl}.h5   one folder per method (`none` = unchanged)
+    <method>/{pcam_train,pcam_valid,pcam_test,pcam_test_official,dlbcl}.h5   one per method (`none` = unchanged)
     <method>/normalizer.json                            the fitted normaliser (reload: stain.load_normalizer)
     reference.png                                       the reference patch or image
     before_after.png                                    samples of both sources under every method
@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     cfg, device = cli.start(argv, __doc__, STEP)
     nc = cfg["normalize"]
-    pcam_dir = require_step(cfg, "01_filter_pcam", outputs=[f"{s}.h5" for s in ("train", "valid", "test")])
-    inputs = {f"pcam_{s}": pcam_dir / f"{s}.h5" for s in ("train", "valid", "test")}
+    pcam_sets = ("train", "valid", "test", "test_official")
+    pcam_dir = require_step(cfg, "01_filter_pcam", outputs=[f"{s}.h5" for s in pcam_sets])
+    inputs = {f"pcam_{s}": pcam_dir / f"{s}.h5" for s in pcam_sets}
     inputs["dlbcl"] = require_step(cfg, "02_tile_dlbcl", outputs=["dlbcl.h5"]) / "dlbcl.h5"
     out = begin_step(cfg, STEP)
     rng = np.random.default_rng(cfg["run"]["seed"])

@@ -34,7 +34,8 @@ CLASS_NAMES = {
     "mixed": ["negative", "breast", "lymphoma"],
 }
 SPLITS = ("train", "valid", "test")
-SET_STEMS = ("pcam_train", "pcam_valid", "pcam_test", "dlbcl")  # the patch sets 03 writes per method
+# the patch sets 03 writes per method
+SET_STEMS = ("pcam_train", "pcam_valid", "pcam_test", "pcam_test_official", "dlbcl")
 SPLIT_COLUMNS = ("split", "file", "index", "group", "source", "label")
 
 
