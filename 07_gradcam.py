@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 images.append(np.pad(x, pad))
                 overlays.append(np.pad(gradcam.overlay(x, cams), pad))
                 prob = pred[f"p_{pc}"][pick].astype(float)
-                captions += [f"true {cls} · pred {pc} {p:.2f}" for p in prob] + [""] * (n_cols - len(pick))
+                captions += [f"true {cls} · pred {pc} (p {p:.2f})" for p in prob] + [""] * (n_cols - len(pick))
                 titles.append(f"true {cls} → predicted {pc} ({'correct' if k == j else 'wrong'})")
         if titles:
             grids.append(str(plots.cam_grid(folder / f"grid_{src}.png", np.stack(images), np.stack(overlays),

@@ -198,7 +198,8 @@ def cam_grid(path: Path, images: np.ndarray, overlays: np.ndarray, captions: lis
             ax.set_yticks([])
             for spine in ax.spines.values():
                 spine.set_visible(False)
-            if not caption:
+            if not caption:  # padding: no background either, so a row title can run across it
+                ax.set_axis_off()
                 continue
             ax.imshow(picture)
             ax.add_patch(Rectangle((left - 0.5, top - 0.5), center_px, center_px, fill=False,

@@ -80,8 +80,8 @@ def test_cam_grid_pairs_patch_and_overlay(tmp_path, figures):
     x = rng.integers(0, 256, (2, 2, 96, 96, 3), dtype=np.uint8)
     cams = gradcam.upsample(rng.random((4, 3, 3)), (96, 96))
     overlays = gradcam.overlay(x.reshape(4, 96, 96, 3), cams).reshape(x.shape)
-    captions = ["true breast · pred breast 0.91", "true breast · pred breast 0.85",
-                "true negative · pred breast 0.66", ""]  # the second row holds one patch
+    captions = ["true breast · pred breast (p 0.91)", "true breast · pred breast (p 0.85)",
+                "true negative · pred breast (p 0.66)", ""]  # the second row holds one patch
     path = plots.cam_grid(tmp_path / "g.png", x, overlays, captions,
                           ["true breast → predicted breast", "true negative → predicted breast"], 2, "mixed", 32)
     assert cv2.imread(str(path)) is not None
@@ -95,5 +95,5 @@ def test_cam_grid_pairs_patch_and_overlay(tmp_path, figures):
         (square,) = ax.patches
         assert (square.get_x(), square.get_y(), square.get_width(), square.get_height()) == (31.5, 31.5, 32, 32)
     text = texts(fig)
-    assert "true negative · pred breast 0.66" in text and "Grad-CAM (scaled per patch, 0-1)" in text
+    assert "true negative · pred breast (p 0.66)" in text and "Grad-CAM (scaled per patch, 0-1)" in text
     assert "centre 32x32 px" in text
