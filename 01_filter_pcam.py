@@ -7,6 +7,7 @@ Reads (data.pcam_dir), the official release as downloaded, or torchvision's root
                                                               without it every group is 'unknown')
 Writes (runs/<run>/01_filter_pcam/):
     {train,valid,test}.h5      patch sets of the kept patches: always all three splits, which 03 reads
+    test_official.h5           the whole official test split, unfiltered: 06 scores the PCam benchmark on it
                                from this step's last run
     rejected_<split>.png       contact sheet of rejected examples
     grid_search.json, grid_kept.png, grid_rejected.png   (filter_pcam.grid_search: true; scored on a
@@ -140,6 +141,14 @@ def filter_split(fx, fy, group, coords, writer: PatchSetWriter, thresholds: dict
     return counts, examples
 
 
+def copy_unfiltered(fx, fy, group, coords, writer: PatchSetWriter, n: int, chunk: int) -> None:
+    """Patches [0, n) into `writer` as they are: the official test split, for a score comparable with
+    published PCam results (a filtered test split drops mostly easy near-glass negatives)."""
+    for start in tqdm(range(0, n, chunk), desc="copy test_official", unit="chunk"):
+        stop = min(start + chunk, n)
+        writer.append(fx["x"][start:stop], fy["y"][start:stop].reshape(-1), group[start:stop], coords[start:stop])
+
+
 def candidates(thresholds: dict) -> list[dict]:
     """Threshold candidates around the configured ones, plus the thesis's preset."""
     grid = [dict(thresholds), dict(filters.THESIS_PRESET)]
@@ -218,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
                                                 fc["chunk_size"], f"filter {split}")
                 kept = writer.n
             plots.contact_sheet(out / f"rejected_{split}.png", rejected)
+            if split == "test":
+                with PatchSetWriter(out / "test_official.h5", source="pcam", split="test", mpp=PCAM_MPP,
+                                    provenance=provenance(cfg, STEP)) as writer:
+                    copy_unfiltered(fx, fy, group, coords, writer, n, fc["chunk_size"])
             if fc["grid_search"] and split == "train":
                 grid = grid_search(cfg, fx, fy, split, out, thresholds)
         per_split[split] = {"n_in": n, "kept": kept, "rejected": n - kept, "by_label": counts, "files": files,
@@ -227,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # A split without patches would break every later step that reads it: the whole run fails.
     empty = [split for split, counts in per_split.items() if counts["kept"] == 0]
-    outputs = [] if empty else [f"{split}.h5" for split in per_split]
+    outputs = [] if empty else [*(f"{split}.h5" for split in per_split), "test_official.h5"]
     write_summary(out, STEP, cfg, started, splits=per_split, kept=total_kept, thresholds=thresholds,
                   grid_search=grid, outputs=outputs)
     if empty:

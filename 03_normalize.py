@@ -1,11 +1,11 @@
 """03 · Stain-normalise both datasets to one reference (Macenko, Vahadane, Reinhard; thesis §5.1.1).
 
 Reads:
-    runs/<run>/01_filter_pcam/{train,valid,test}.h5   (PCam patch sets)
+    runs/<run>/01_filter_pcam/{train,valid,test,test_official}.h5   (PCam patch sets)
     runs/<run>/02_tile_dlbcl/dlbcl.h5                 (DLBCL patch set)
     normalize.reference                               a reference image, or `auto`
 Writes (runs/<run>/03_normalize/):
-    <method>/{pcam_train,pcam_valid,pcam_test,dlbcl}.h5   one folder per method (`none` = unchanged)
+    <method>/{pcam_train,pcam_valid,pcam_test,pcam_test_official,dlbcl}.h5   one per method (`none` = unchanged)
     <method>/normalizer.json                            the fitted normaliser (reload: stain.from_json)
     reference.png                                       the reference patch or image
     before_after.png                                    samples of both sources under every method
@@ -49,8 +49,9 @@ SHARED_KNOBS = ("fit_scope", "min_tissue_fraction", "min_eigen_ratio", "group_ma
 
 def input_sets(cfg: dict) -> dict[str, Path]:
     """The patch sets 03 normalises, name -> path; every name becomes <method>/<name>.h5."""
-    pcam_dir = require_step(cfg, "01_filter_pcam", outputs=[f"{s}.h5" for s in ("train", "valid", "test")])
-    sets = {f"pcam_{s}": pcam_dir / f"{s}.h5" for s in ("train", "valid", "test")}
+    pcam_splits = ("train", "valid", "test", "test_official")  # test_official: the whole, unfiltered test split
+    pcam_dir = require_step(cfg, "01_filter_pcam", outputs=[f"{s}.h5" for s in pcam_splits])
+    sets = {f"pcam_{s}": pcam_dir / f"{s}.h5" for s in pcam_splits}
     sets["dlbcl"] = require_step(cfg, "02_tile_dlbcl", outputs=["dlbcl.h5"]) / "dlbcl.h5"
     return sets
 

@@ -1,11 +1,15 @@
 """07 · Where does the model look? Grad-CAM on test patches (thesis §6.3, Figure 15), as pictures and as
-a number: the fraction of CAM mass inside the centre 32x32 px (PCam's label region). A uniform map
-gives 32²/96² ≈ 0.111; the thesis saw PCam models look at the centre and DLBCL models not.
+a number: the fraction of CAM mass inside the centre 32x32 px (PCam's label region), measured on the
+rectified CAM at the layer's own resolution (ResNet: 3x3 cells of 32 px). A uniform map gives
+32²/96² ≈ 0.111 (chance), a map on the centre cell alone 1.0 (the maximum); the thesis saw PCam
+models look at the centre and DLBCL models not.
 
 Reads:  runs/<run>/05_train/<experiment>/ (model, split), runs/<run>/06_evaluate/<experiment>/predictions.csv
 Writes (runs/<run>/07_gradcam/<experiment>/):
-    grid_<source>.png   rows of (true class -> predicted class) cells: patch, then its CAM overlay
-    cam_stats.json      centre-mass fraction per source and true class (mean, std, n), and per outcome
+    grid_<source>.png   rows of (true class -> predicted class) cells: each patch beside its CAM overlay,
+                        the centre square outlined, true / predicted class and probability under each
+    cam_stats.json      centre-mass fraction per source and true class (mean, std, n), and per outcome;
+                        chance and maximum of the statistic at the CAM's resolution
     cam_stats.md        the same as a short table
     summary.json
 
@@ -41,15 +45,16 @@ def read_predictions(path: Path) -> dict[str, np.ndarray]:
 
 
 def cams_for(model, x: np.ndarray, target: np.ndarray, meta: dict, device, batch_size: int = 64) -> np.ndarray:
-    """Grad-CAM maps float32 (N, 96, 96) of uint8 patches x (N, 96, 96, 3) for the classes target (N,)
-    (06's predictions, so that a map explains the class its grid row names, with or without TTA)."""
+    """Rectified Grad-CAM maps float32 (N, h, w) at the target layer's resolution of uint8 patches
+    x (N, 96, 96, 3) for the classes target (N,) (06's predictions, so that a map explains the class its
+    grid row names, with or without TTA); `gradcam.upsample` makes the figure maps."""
     mean = torch.as_tensor(meta["mean"], device=device)
     std = torch.as_tensor(meta["std"], device=device)
     layer = gradcam.default_target_layer(model)
-    out = [gradcam.grad_cam(model, models.to_input(torch.from_numpy(x[s:s + batch_size]).to(device), mean, std,
-                                                   False), layer, target=target[s:s + batch_size])
+    out = [gradcam.grad_cam_lowres(model, models.to_input(torch.from_numpy(x[s:s + batch_size]).to(device), mean,
+                                                          std, False), layer, target=target[s:s + batch_size])
            for s in range(0, len(x), batch_size)]
-    return np.concatenate(out) if out else np.empty((0, *x.shape[1:3]), np.float32)
+    return np.concatenate(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,36 +82,48 @@ def main(argv: list[str] | None = None) -> int:
             pick = np.sort(rng.permutation(pick)[:STATS_PER_CELL])
             x = data.read_patches(source_dir, pred["file"][pick], pred["index"][pick])
             cams = cams_for(model, x, pred["pred"][pick], meta, device)
-            frac = gradcam.cam_center_fraction(cams, gc["center_px"])
+            frac = gradcam.centre_mass(cams, gc["center_px"], patch_px=x.shape[1])
+            cam_shape = cams.shape[1:]
+            bounds = gradcam.centre_mass_bounds(cam_shape, gc["center_px"], patch_px=x.shape[1])
             stats[f"{src}/{cls}"] = {"mean": float(frac.mean()), "std": float(frac.std()), "n": len(pick)}
             for j, pc in enumerate(classes):
                 sel = pred["pred"][pick] == j
                 if sel.any():
                     per_outcome[f"{src}/{cls}->{pc}"] = {"mean": float(frac[sel].mean()), "n": int(sel.sum())}
-    uniform = gc["center_px"] ** 2 / 96**2
-    write_json(folder / "cam_stats.json", {"center_px": gc["center_px"], "uniform": uniform,
-                                           "per_source_class": stats, "per_outcome": per_outcome})
-    lines = [f"| source / true class | centre-mass fraction (uniform = {uniform:.3f}) | n |", "|---|---|---|"]
-    lines += [f"| {key} | {v['mean']:.3f} ± {v['std']:.3f} | {v['n']} |" for key, v in stats.items()]
+    chance, maximum = bounds
+    write_json(folder / "cam_stats.json", {"center_px": gc["center_px"], "chance": chance, "maximum": maximum,
+                                           "cam_shape": list(cam_shape), "per_source_class": stats,
+                                           "per_outcome": per_outcome})
+    lines = [f"Fraction of Grad-CAM mass in the centre {gc['center_px']}x{gc['center_px']} px, on the rectified "
+             f"{cam_shape[0]}x{cam_shape[1]} map: chance (uniform map) {chance:.3f}, maximum (all mass in the "
+             f"centre) {maximum:.3f}.", "",
+             "| source / true class | centre-mass fraction | chance | maximum | n |", "|---|---|---|---|---|"]
+    lines += [f"| {key} | {v['mean']:.3f} ± {v['std']:.3f} | {chance:.3f} | {maximum:.3f} | {v['n']} |"
+              for key, v in stats.items()]
     with atomic_path(folder / "cam_stats.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
 
-    # ---- grids: per source, one row per (true -> predicted) cell, patches then overlays (Figure 15)
-    grids = []
+    # ---- grids: per source, one row per (true -> predicted) cell, each patch beside its overlay (Figure 15)
+    grids, n_cols = [], gc["n_per_cell"]
     for src in np.unique(pred["source"]):
-        rows = []
+        images, overlays, captions, titles = [], [], [], []
         for k, cls in enumerate(classes):
             for j, pc in enumerate(classes):
                 pick = np.flatnonzero((pred["source"] == src) & (pred["label"] == k) & (pred["pred"] == j))
                 if len(pick) == 0:
                     continue
-                pick = np.sort(rng.permutation(pick)[: gc["n_per_cell"]])
+                pick = np.sort(rng.permutation(pick)[:n_cols])
                 x = data.read_patches(source_dir, pred["file"][pick], pred["index"][pick])
-                overlay = gradcam.overlay(x, cams_for(model, x, pred["pred"][pick], meta, device))
-                outcome = "correct" if k == j else "wrong"
-                rows.append((f"{src} · true {cls} → predicted {pc} ({outcome})", np.concatenate([x, overlay])))
-        if rows:
-            grids.append(str(plots.labelled_rows(folder / f"grid_{src}.png", rows, ncols=2 * gc["n_per_cell"])))
+                cams = gradcam.upsample(cams_for(model, x, pred["pred"][pick], meta, device), x.shape[1:3])
+                pad = ((0, n_cols - len(pick)), (0, 0), (0, 0), (0, 0))
+                images.append(np.pad(x, pad))
+                overlays.append(np.pad(gradcam.overlay(x, cams), pad))
+                prob = pred[f"p_{pc}"][pick].astype(float)
+                captions += [f"true {cls} · pred {pc} (p {p:.2f})" for p in prob] + [""] * (n_cols - len(pick))
+                titles.append(f"true {cls} → predicted {pc} ({'correct' if k == j else 'wrong'})")
+        if titles:
+            grids.append(str(plots.cam_grid(folder / f"grid_{src}.png", np.stack(images), np.stack(overlays),
+                                            captions, titles, n_cols, f"{name} · {src}", gc["center_px"])))
     write_summary(folder, STEP, cfg, started, experiment=name, cam_stats=stats, grids=grids)
     write_experiments_summary(folder.parent, STEP, cfg, started)
     print("\n".join(lines))

@@ -112,6 +112,13 @@ TASK = {
     "split": _f("choice", choices=("official", "grouped", "random")),
     "split_fractions": _f("list", item=_f("float", minimum=0.0, maximum=1.0)),
     "balanced_size": _f("int", minimum=1, nullable=True),
+    "note": _f("str", optional=True),  # printed under 06's tables (what the classes really are)
+    "benchmark": OptionalSection({  # a whole published test split 06 scores beside the task's own test split
+        "set": _f("str"),  # 03's patch-set stem, e.g. pcam_test_official (01's unfiltered official test split)
+        "model": _f("str"),  # the published model and paper
+        "accuracy": _f("float"),  # its accuracy in %
+        "auc": _f("float"),
+    }),
     "reference": OptionalSection({  # published results that 06 shows beside ours
         "table": _f("str"),
         "citation": _f("str"),

@@ -8,8 +8,8 @@ centre 32×32 px, the model should look at the centre; on DLBCL it need not.
 
 Inputs: a model in any train/eval mode, a batch of already-normalised images on the model's device,
 and optionally the layer to explain and the classes to explain.
-Outputs: float32 numpy CAMs (N, H, W) in [0, 1]; the fraction of CAM mass in the centre square; RGB
-uint8 jet overlays for figures.
+Outputs: float32 numpy CAMs, rectified at the layer's resolution (N, h, w) or upsampled (N, H, W) in
+[0, 1]; the fraction of CAM mass in the centre square; RGB uint8 jet overlays for figures.
 
 `grad_cam` reproduces pytorch-grad-cam 1.5.x `GradCAM` (raw-logit target; channel weights = spatial
 mean of the gradients of the target layer's output; ReLU of the weighted sum; min-max normalise with
@@ -19,8 +19,9 @@ under `torch.no_grad()` / `torch.inference_mode()` work, and the model's modes, 
 and `.grad` fields are left untouched.
 
 Usage:
-    cams = grad_cam(model, images, target_layer=None, target=labels)   # (N, H, W) float32
-    centre = cam_center_fraction(cams, center_px=32)                     # (N,) float
+    cams = grad_cam(model, images, target_layer=None, target=labels)   # (N, H, W) float32 in [0, 1]
+    lowres = grad_cam_lowres(model, images, None, labels)                # (N, h, w) float32 >= 0
+    centre = centre_mass(lowres, center_px=32, patch_px=96)              # (N,) float
     figure_rgb = overlay(patches_uint8, cams, alpha=0.4)                  # (N, H, W, 3) uint8
 """
 
@@ -99,7 +100,19 @@ def _minmax(maps: torch.Tensor) -> torch.Tensor:
 
 def grad_cam(model: nn.Module, images: torch.Tensor, target_layer: nn.Module | None = None,
              target: int | Sequence[int] | torch.Tensor | np.ndarray | None = None) -> np.ndarray:
-    """Grad-CAM maps of a batch, equal to pytorch-grad-cam 1.5.x `GradCAM` within 1e-4.
+    """Grad-CAM maps of a batch at the input's size, equal to pytorch-grad-cam 1.5.x `GradCAM` within 1e-4:
+    `upsample(grad_cam_lowres(...), images.shape[-2:])`. See `grad_cam_lowres` for the semantics.
+
+    Returns:
+        float32 numpy (N, H, W), each map min-max normalised to [0, 1].
+    """
+    return upsample(grad_cam_lowres(model, images, target_layer, target), tuple(images.shape[-2:]))
+
+
+def grad_cam_lowres(model: nn.Module, images: torch.Tensor, target_layer: nn.Module | None = None,
+                    target: int | Sequence[int] | torch.Tensor | np.ndarray | None = None) -> np.ndarray:
+    """Rectified Grad-CAM maps of a batch at the target layer's own resolution (no scaling, no resizing):
+    what `centre_mass` measures, since min-max scaling and bilinear upsampling move mass.
 
     The model runs in eval mode (batch-norm running statistics, no dropout), whatever mode it is in;
     afterwards every module is back in the mode it was in, `requires_grad` flags are unchanged and no
@@ -130,7 +143,8 @@ def grad_cam(model: nn.Module, images: torch.Tensor, target_layer: nn.Module | N
             None for each image's predicted class.
 
     Returns:
-        float32 numpy (N, H, W), each map min-max normalised to [0, 1].
+        float32 numpy (N, h, w) >= 0: ReLU of the gradient-weighted channel sum, in the units of the
+        layer's activations times the score's gradient (compare maps only after normalising).
 
     Raises:
         GradCAMError: bad image shape, bad target, a target layer that is not run exactly once by the
@@ -139,7 +153,6 @@ def grad_cam(model: nn.Module, images: torch.Tensor, target_layer: nn.Module | N
     if images.ndim != 4:
         raise GradCAMError(f"grad_cam: images must be (N, C, H, W), got shape {tuple(images.shape)}")
     layer = default_target_layer(model) if target_layer is None else target_layer
-    image_size_px = tuple(images.shape[-2:])
 
     captured: list[torch.Tensor] = []
 
@@ -182,8 +195,7 @@ def grad_cam(model: nn.Module, images: torch.Tensor, target_layer: nn.Module | N
         activations = captured[0].detach().float()
         channel_weights = gradients.float().mean(dim=(2, 3))
         cams = torch.relu((channel_weights[:, :, None, None] * activations).sum(dim=1))
-        cams = F.interpolate(_minmax(cams)[:, None], size=image_size_px, mode="bilinear", align_corners=False)
-        return _minmax(cams[:, 0]).cpu().numpy().astype(np.float32, copy=False)
+        return cams.cpu().numpy().astype(np.float32, copy=False)
     finally:
         handle.remove()
         captured.clear()
@@ -191,19 +203,58 @@ def grad_cam(model: nn.Module, images: torch.Tensor, target_layer: nn.Module | N
             module.training = was_training
 
 
-def cam_center_fraction(cams: np.ndarray, center_px: int = 32) -> np.ndarray:
+def upsample(cams: np.ndarray, size_px: tuple[int, int]) -> np.ndarray:
+    """Low-resolution CAMs to figure maps as pytorch-grad-cam does: min-max normalise (ε = 1e-7),
+    bilinear resize with half-pixel centres, min-max normalise again.
+
+    Args:
+        cams: float (N, h, w) >= 0, e.g. `grad_cam_lowres` output.
+        size_px: (H, W) of the output.
+
+    Returns:
+        float32 (N, H, W) in [0, 1]; a constant map gives zeros.
+    """
+    maps = torch.as_tensor(np.asarray(cams, dtype=np.float32))
+    if maps.ndim != 3:
+        raise GradCAMError(f"upsample: cams must be (N, h, w), got shape {tuple(maps.shape)}")
+    resized = F.interpolate(_minmax(maps)[:, None], size=tuple(size_px), mode="bilinear", align_corners=False)
+    return _minmax(resized[:, 0]).numpy().astype(np.float32, copy=False)
+
+
+def _centre_weights(cells: int, center_px: int, patch_px: int) -> np.ndarray:
+    """float64 (cells,): the fraction of each of `cells` equal cells spanning [0, patch_px) px that lies in
+    the centre interval [(patch_px - center_px) // 2, + center_px)."""
+    edges = np.linspace(0.0, patch_px, cells + 1)
+    start = (patch_px - center_px) // 2
+    overlap = np.minimum(edges[1:], start + center_px) - np.maximum(edges[:-1], start)
+    return np.clip(overlap, 0.0, None) / np.diff(edges)
+
+
+def centre_mass_bounds(shape_hw: tuple[int, int], center_px: int = 32, patch_px: int = 96) -> tuple[float, float]:
+    """(chance, maximum) of `centre_mass` for maps of `shape_hw`: a uniform map scores
+    center_px² / patch_px² (1/9 for 32 of 96); the best a map of this resolution can score is that of
+    all mass in the cell with the largest share in the square (1.0 when a cell lies wholly inside)."""
+    rows, cols = (_centre_weights(n, center_px, patch_px) for n in shape_hw)
+    return center_px**2 / patch_px**2, float(rows.max() * cols.max())
+
+
+def centre_mass(cams: np.ndarray, center_px: int = 32, patch_px: int = 96) -> np.ndarray:
     """Fraction of each map's CAM mass that lies in the centred `center_px` × `center_px` square.
 
     PCam labels depend only on the centre 32×32 px of a 96×96 patch, so a model that has learnt the
-    task should put most of its CAM mass there; a uniform map scores center_px² / (H·W)
-    (32² / 96² = 1/9 ≈ 0.111). The square starts at row (H − center_px) // 2 and column
-    (W − center_px) // 2 (for an odd difference it sits half a pixel towards the top left).
-    An all-zero map (no positive evidence, see `grad_cam`) scores the uniform value: it says
-    nothing about where the model looks, so it counts as chance rather than as 0 or NaN.
+    task should put its CAM mass there. Computed on the rectified CAM at its own resolution
+    (`grad_cam_lowres`): each cell of an h × w map covers patch_px / h × patch_px / w px of the patch
+    and counts with the share of its area inside the square. (Min-max scaling an upsampled map first
+    subtracts its minimum, and bilinear upsampling spreads a 3×3 map's centre cell outwards: no map
+    could then score above 0.563.) A centre-only map scores 1, a uniform one center_px² / patch_px²
+    (1/9), a corner-only one 0. The square starts at (patch_px − center_px) // 2 px. An all-zero map
+    (no positive evidence, see `grad_cam_lowres`) scores the uniform value: it says nothing about where
+    the model looks, so it counts as chance rather than as 0 or NaN.
 
     Args:
-        cams: float (N, H, W), non-negative (e.g. `grad_cam` output).
-        center_px: side of the centre square in pixels, 1 ≤ center_px ≤ min(H, W).
+        cams: float (N, h, w) >= 0 at any resolution, each map covering the whole patch.
+        center_px: side of the centre square in patch pixels, 1 ≤ center_px ≤ patch_px.
+        patch_px: side of the patch the maps cover, in pixels.
 
     Returns:
         float64 (N,) in [0, 1].
@@ -212,20 +263,17 @@ def cam_center_fraction(cams: np.ndarray, center_px: int = 32) -> np.ndarray:
         GradCAMError: wrong shape, negative or non-finite values, or a square that does not fit.
     """
     maps = np.asarray(cams, dtype=np.float64)
-    if maps.ndim != 3:
-        raise GradCAMError(f"cam_center_fraction: cams must be (N, H, W), got shape {maps.shape}")
-    height_px, width_px = maps.shape[1:]
-    if not 1 <= center_px <= min(height_px, width_px):
-        raise GradCAMError(f"cam_center_fraction: center_px={center_px} must lie in [1, {min(height_px, width_px)}] "
-                           f"for {height_px}×{width_px} maps")
+    if maps.ndim != 3 or 0 in maps.shape[1:]:
+        raise GradCAMError(f"centre_mass: cams must be (N, h, w), got shape {maps.shape}")
+    if not 1 <= center_px <= patch_px:
+        raise GradCAMError(f"centre_mass: center_px={center_px} must lie in [1, {patch_px}] (patch_px)")
     if not np.isfinite(maps).all() or (maps < 0).any():
-        raise GradCAMError("cam_center_fraction: cams must be finite and non-negative")
-    top, left = (height_px - center_px) // 2, (width_px - center_px) // 2
-    centre_mass = maps[:, top:top + center_px, left:left + center_px].sum(axis=(1, 2))
-    total_mass = maps.sum(axis=(1, 2))
-    uniform_fraction = center_px**2 / (height_px * width_px)
-    has_mass = total_mass > 0
-    return np.where(has_mass, centre_mass / np.where(has_mass, total_mass, 1.0), uniform_fraction)
+        raise GradCAMError("centre_mass: cams must be finite and non-negative")
+    rows, cols = (_centre_weights(n, center_px, patch_px) for n in maps.shape[1:])
+    inside = np.einsum("nhw,h,w->n", maps, rows, cols)
+    total = maps.sum(axis=(1, 2))
+    has_mass = total > 0
+    return np.where(has_mass, inside / np.where(has_mass, total, 1.0), center_px**2 / patch_px**2)
 
 
 def overlay(images: np.ndarray, cams: np.ndarray, alpha: float = 0.4) -> np.ndarray:

@@ -29,7 +29,7 @@ from sklearn.metrics import (
     roc_curve,
     silhouette_score,
 )
-from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -104,29 +104,71 @@ def cluster_metrics(
     }
 
 
-def domain_probe(features: np.ndarray, source: np.ndarray, seed: int, folds: int = 5) -> float:
+def independent_units(source: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, str]:
+    """The units that may be treated as independent: a slide or patient, or the patch itself where its
+    slide is unknown.
+
+    PCam without its meta CSVs gives every patch the group ``"unknown"`` (01's contract); one group
+    "unknown" is not a slide, and resampling it as one would give a meaningless interval. Such patches
+    become their own unit, so intervals over them are patch-level, and the label says so.
+
+    Args:
+        source: str ``(N,)`` source of each patch (``"pcam"``, ``"dlbcl"``, ...).
+        group: str ``(N,)`` slide or patient of each patch; ``"unknown"`` where it is not known.
+
+    Returns:
+        ``(units, label)``: str ``(N,)`` unit per patch (``"<source>/<group>"``, or ``"patch/<i>"`` zero-padded), and
+        ``"slides/patients"``, ``"patches"`` (no group known) or ``"slides/patients; patches where the
+        slide is unknown"``.
+    """
+    source, group = np.asarray(source).astype(str), np.asarray(group).astype(str)
+    if source.shape != group.shape or source.ndim != 1:
+        raise MetricsError(f"source {source.shape} and group {group.shape} must be equal (N,)")
+    unknown = group == "unknown"
+    # zero-padded, so that sorted units are in patch order (all unknown: the same draws as a patch bootstrap)
+    own = np.char.add("patch/", np.char.zfill(np.arange(len(group)).astype(str), len(str(len(group)))))
+    units = np.where(unknown, own, np.char.add(np.char.add(source, "/"), group))
+    label = ("patches" if unknown.all() else "slides/patients; patches where the slide is unknown" if unknown.any()
+             else "slides/patients")
+    return units, label
+
+
+def domain_probe(features: np.ndarray, source: np.ndarray, seed: int, folds: int = 5,
+                 groups: np.ndarray | None = None) -> float:
     """How well a linear classifier tells the source dataset from the features (0.5 = not at all).
+
+    Patches of one slide share its stain and tissue, so a probe cross-validated over patches can learn
+    slides rather than sources; with ``groups`` no slide or patient is in a training and a test fold
+    (stratified group k-fold).
 
     Args:
         features: float ``(N, D)``.
         source: ``(N,)`` source of each row (ints or strings, e.g. ``"pcam"`` / ``"dlbcl"``).
         seed: seed of the fold shuffling.
-        folds: number of stratified cross-validation folds.
+        folds: number of cross-validation folds; with ``groups``, at most the number of groups of the
+            source with the fewest.
+        groups: optional ``(N,)`` slide / patient of each row (e.g. from `independent_units`).
 
     Returns:
-        Mean balanced accuracy over the folds of standardised logistic regression, in [0, 1].
+        Balanced accuracy of the out-of-fold predictions of standardised logistic regression, in [0, 1]
+        (pooled over folds, so a fold holding one source does not make the score undefined).
     """
     features, source = np.asarray(features), np.asarray(source)
     if features.ndim != 2 or source.shape != (len(features),):
         raise MetricsError(f"features {features.shape} must be (N, D) and source {source.shape} (N,)")
-    _, class_counts = np.unique(source, return_counts=True)
-    if len(class_counts) < 2 or class_counts.min() < folds:
-        raise MetricsError(
-            f"domain probe needs >= 2 sources with >= {folds} rows each, got counts {class_counts.tolist()}"
-        )
+    groups = np.arange(len(source)) if groups is None else np.asarray(groups)
+    if groups.shape != source.shape:
+        raise MetricsError(f"groups {groups.shape} must be (N,) with N = {len(source)}")
+    names, source_index = np.unique(source, return_inverse=True)
+    groups_per_source = [len(np.unique(groups[source_index == k])) for k in range(len(names))]
+    folds = min(folds, *groups_per_source)
+    if len(names) < 2 or folds < 2:
+        raise MetricsError(f"domain probe needs >= 2 sources with >= 2 groups (slides/patients) each, got "
+                           f"{dict(zip(names.tolist(), groups_per_source, strict=True))}")
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=_PROBE_MAX_ITER))
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    return float(cross_val_score(probe, features, source, cv=splitter, scoring="balanced_accuracy").mean())
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    predicted = cross_val_predict(probe, features, source_index, cv=splitter, groups=groups)
+    return float(balanced_accuracy_score(source_index, predicted))
 
 
 def _check_predictions(labels, probs, class_names) -> tuple[np.ndarray, np.ndarray]:
@@ -325,6 +367,54 @@ def bootstrap_ci(
             for c, name in enumerate(class_names)
         },
     }
+
+
+def within_source_metrics(labels: np.ndarray, log_probs: np.ndarray, source: np.ndarray, class_names: list[str],
+                          units: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Binary metrics inside each source of a multi-source task (mixed: PCam negative vs breast, DLBCL
+    negative vs lymphoma): does the model tell cancer from tissue, or only one dataset from the other?
+
+    Within a source, the two classes it holds are scored by the model's probabilities renormalised over
+    those two classes (a PCam patch is negative or breast, whatever the lymphoma probability). Beside
+    them, ``predicted_other_class`` is the fraction of the source's patches whose 3-class prediction is
+    a class this source never holds (a PCam patch called lymphoma): dataset confusion, not cancer
+    detection.
+
+    Args:
+        labels: int ``(N,)`` class indices in ``[0, C)``.
+        log_probs: float ``(N, C)`` log-probabilities.
+        source: str ``(N,)`` source of each patch.
+        class_names: ``C`` names.
+        units: ``(N,)`` resampling unit of each patch (`independent_units`), for the intervals.
+        n_boot, seed: bootstrap resamples and seed.
+
+    Returns:
+        ``{source: {"classes": [a, b], "n", "accuracy", "balanced_accuracy", "auc", "ci95":
+        {accuracy, balanced_accuracy, auc: [lo, hi]}, "predicted_other_class"}}`` for each source with
+        exactly two classes present; a source with another count gets ``{"classes", "n"}`` only.
+    """
+    labels, log_probs = _check_predictions(labels, log_probs, class_names)
+    source, units = np.asarray(source).astype(str), np.asarray(units)
+    if source.shape != labels.shape or units.shape != labels.shape:
+        raise MetricsError(f"source {source.shape} and units {units.shape} must be (N,) with N = {len(labels)}")
+    out = {}
+    for name in np.unique(source):
+        sel = source == name
+        present = np.unique(labels[sel])
+        entry = {"classes": [class_names[c] for c in present], "n": int(sel.sum())}
+        if len(present) == 2:
+            pair = log_probs[np.ix_(sel, present)]
+            pair = pair - np.logaddexp(pair[:, :1], pair[:, 1:])  # renormalised over the two classes
+            binary = (labels[sel] == present[1]).astype(np.int64)
+            names = entry["classes"]
+            m = classification_metrics(binary, pair, names)
+            ci = bootstrap_ci(binary, pair, names, n_boot=n_boot, seed=seed, groups=units[sel])
+            other = ~np.isin(log_probs[sel].argmax(axis=1), present)
+            entry |= {key: m[key] for key in ("accuracy", "balanced_accuracy", "auc")}
+            entry |= {"ci95": {key: ci[key] for key in ("accuracy", "balanced_accuracy", "auc")},
+                      "predicted_other_class": float(other.mean())}
+        out[str(name)] = entry
+    return out
 
 
 def roc_points(labels: np.ndarray, probs: np.ndarray, class_names: list[str] | None = None) -> dict:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from common import stain
+from common.patchset import PatchSet, write_patch_set
 from tests.conftest import REAL, load_script
 
 HE = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])  # Ruifrok & Johnston's H&E optical densities
@@ -67,3 +68,33 @@ def test_identical_sources_do_not_separate(cluster_script):
     assert abs(row["accuracy"] - 0.5) < 0.06 and abs(row["ari"]) < 0.01
     assert abs(row["domain_probe"] - 0.5) < 0.1
     assert points.shape == (600, 2) and set(np.unique(cluster)) == {0, 1}
+
+
+def _write_set(path, y, groups):
+    x = np.zeros((len(y), 96, 96, 3), np.uint8)
+    write_patch_set(path, PatchSet(x, np.asarray(y, np.uint8), np.asarray(groups), np.full((len(y), 2), -1), {}))
+
+
+def test_the_same_number_of_negatives_from_each_source(cluster_script, tmp_path):
+    # 30 PCam negatives (and 10 positives), 12 DLBCL negatives: 12 from each, whatever n_per_source above.
+    _write_set(tmp_path / "pcam_train.h5", [0] * 30 + [1] * 10, ["unknown"] * 40)
+    _write_set(tmp_path / "dlbcl.h5", [1] * 5 + [0] * 12, [f"p{i % 3}" for i in range(17)])
+    index, groups = cluster_script.sample_negatives(tmp_path, 1000, seed=0)
+    assert {k: len(v) for k, v in index.items()} == {"pcam_train": 12, "dlbcl": 12}
+    assert index["pcam_train"].max() < 30 and index["dlbcl"].min() >= 5  # negatives only
+    assert (groups[:12] == "unknown").all() and set(groups[12:]) == {"p0", "p1", "p2"}
+    small, _ = cluster_script.sample_negatives(tmp_path, 4, seed=0)
+    assert {k: len(v) for k, v in small.items()} == {"pcam_train": 4, "dlbcl": 4}
+
+
+def test_random_weight_rows_are_not_set_beside_the_thesis(cluster_script):
+    row = {"accuracy": 0.6, "silhouette": 0.2, "ari": 0.05, "nmi": 0.04, "domain_probe": 0.7}
+    rows = [{"features": "pixels", "weights": None, "method": "none", **row},
+            {"features": "resnet18", "weights": "imagenet", "method": "none", **row},
+            {"features": "resnet18", "weights": "none", "method": "macenko", **row}]
+    lines = cluster_script.thesis_table(rows, 0.5).splitlines()
+    assert lines[2] == "| pixels | none | 0.600 | 0.200 | 0.050 | 0.040 | 0.700 | 0.512 / 0.009 |"
+    assert lines[3].startswith("| resnet18 | none |") and lines[3].endswith("| 0.723 / 0.198 |")
+    assert lines[4].startswith("| resnet18 (random weights) | macenko |")
+    assert lines[4].endswith("| not comparable (random weights) |") and "0.534" not in lines[4]
+    assert lines[6].startswith("Chance level: clustering accuracy 0.500")

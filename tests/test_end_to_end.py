@@ -99,4 +99,10 @@ def test_all_seven_steps(tiny_config: Path):
         assert 0 <= m["colour_baseline_accuracy"] <= 1
         assert m["confusion_matrix"] == confusion_matrix(labels, pred, labels=range(n_classes)).tolist()
         assert (run / "07_gradcam" / f"{task}_resnet18" / "cam_stats.json").is_file()
+        # pcam also scores the whole official test split (all 48 demo test patches, 01's filter not applied)
+        assert ("official_test" in m) == (task == "pcam")
+        if task == "pcam":
+            assert m["official_test"]["n"] == 48 > m["n_test"]
+            assert m["official_test"]["ci95_unit"] == m["ci95_unit"] == "slides/patients"
+        assert ("within_source" in m) == (task == "mixed")
         assert list((run / "07_gradcam" / f"{task}_resnet18").glob("grid_*.png"))

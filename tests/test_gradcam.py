@@ -17,7 +17,16 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from common.gradcam import GradCAMError, cam_center_fraction, default_target_layer, grad_cam, overlay
+from common.gradcam import (
+    GradCAMError,
+    centre_mass,
+    centre_mass_bounds,
+    default_target_layer,
+    grad_cam,
+    grad_cam_lowres,
+    overlay,
+    upsample,
+)
 
 
 def _resnet18(num_classes: int) -> nn.Module:
@@ -300,7 +309,7 @@ def test_user_errors_are_clear():
 # ---------------------------------------------------------------- centre fraction
 
 
-def test_cam_center_fraction_on_hand_made_maps():
+def test_centre_mass_on_hand_made_full_resolution_maps():
     uniform = np.ones((96, 96))
     centre = np.zeros((96, 96))
     centre[32:64, 32:64] = 1.0
@@ -309,22 +318,59 @@ def test_cam_center_fraction_on_hand_made_maps():
     shifted = np.zeros((96, 96))
     shifted[31:63, 32:64] = 1.0  # one row of 32 px falls outside the square: 31·32 / 32² = 0.96875
     half = centre + corner
-    fractions = cam_center_fraction(np.stack([uniform, centre, corner, shifted, half, np.zeros((96, 96))]))
+    fractions = centre_mass(np.stack([uniform, centre, corner, shifted, half, np.zeros((96, 96))]))
     np.testing.assert_allclose(fractions, [1 / 9, 1.0, 0.0, 0.96875, 0.5, 1 / 9], atol=1e-12)
-    # 10×10 maps, 4 px centre square at rows/cols 3..6.
+    # 10×10 maps of a 10 px patch, 4 px centre square at rows/cols 3..6.
     small = np.zeros((1, 10, 10))
     small[0, 3:7, 3:7] = 2.0
     small[0, 0, 0] = 8.0
-    np.testing.assert_allclose(cam_center_fraction(small, center_px=4), [32 / 40])
+    np.testing.assert_allclose(centre_mass(small, center_px=4, patch_px=10), [32 / 40])
 
 
-def test_cam_center_fraction_errors():
+def test_centre_mass_at_the_layers_own_resolution():
+    # ResNet's 3×3 map of a 96 px patch: each cell covers 32×32 px, the centre cell is the square.
+    centre, corner = np.zeros((3, 3)), np.zeros((3, 3))
+    centre[1, 1], corner[0, 2] = 5.0, 2.0
+    np.testing.assert_allclose(centre_mass(np.stack([centre, np.ones((3, 3)), corner])), [1.0, 1 / 9, 0.0])
+    # 6×6 (16 px cells: rows 2-3 inside); 7×7 (13.7 px cells, cut by the square's edges): a uniform map
+    # scores 1/9 at every resolution, and a map on the cells wholly inside scores 1.
+    np.testing.assert_allclose(centre_mass(np.ones((2, 7, 7))), [1 / 9, 1 / 9], atol=1e-12)
+    six = np.zeros((1, 6, 6))
+    six[0, 2:4, 2:4] = 1.0
+    six[0, 0, 5] = 4.0  # 4 of the 8 units of mass outside
+    np.testing.assert_allclose(centre_mass(six), [0.5])
+    seven = np.zeros((1, 7, 7))
+    seven[0, 3, 3] = 1.0  # cell 3 spans 41.1-54.9 px: inside
+    seven[0, 2, 3] = 1.0  # cell 2 spans 27.4-41.1 px: 9.1 / 13.7 = 2/3 of it inside
+    np.testing.assert_allclose(centre_mass(seven), [(1 + 2 / 3) / 2])
+    # The old statistic (min-max of the upsampled map) could not see a centre-only 3×3 map as such.
+    assert centre_mass(upsample(centre[None], (96, 96)))[0] < 0.6
+    assert centre_mass_bounds((3, 3)) == (1 / 9, 1.0)
+    assert centre_mass_bounds((2, 2)) == pytest.approx((1 / 9, 1 / 9))  # 48 px cells: a third inside each way
+
+
+def test_lowres_is_the_rectified_map_and_grad_cam_its_upsampling():
+    # As in test_closed_form_map_relu_and_sign: class 0's map is ReLU(x0 - x1) / 4, unscaled.
+    model = GapHead(torch.tensor([[1.0, 0, 0], [0, 1, 0]]), torch.tensor([[1.0, -1], [0, 1]]))
+    images = torch.stack([torch.tensor([[0.0, 1], [2, 3]]), torch.tensor([[1.0, 0], [0, -1]]),
+                          torch.zeros(2, 2)])[None]
+    lowres = grad_cam_lowres(model, images, model.conv, 0)
+    np.testing.assert_allclose(lowres[0], [[0, 0.25], [0.5, 1.0]], atol=1e-6)
+    np.testing.assert_allclose(upsample(lowres, (2, 2)), grad_cam(model, images, model.conv, 0), atol=1e-6)
+    resnet, batch = _resnet18(2), torch.randn(2, 3, 96, 96)
+    lowres = grad_cam_lowres(resnet, batch, None, [0, 1])
+    assert lowres.shape == (2, 3, 3) and lowres.min() >= 0
+    np.testing.assert_allclose(upsample(lowres, (96, 96)), _reference_cams(
+        resnet, batch, [ClassifierOutputTarget(0), ClassifierOutputTarget(1)]), atol=1e-4)
+
+
+def test_centre_mass_errors():
     with pytest.raises(GradCAMError, match="center_px=40"):
-        cam_center_fraction(np.ones((1, 32, 32)), center_px=40)
+        centre_mass(np.ones((1, 32, 32)), center_px=40, patch_px=32)
     with pytest.raises(GradCAMError, match="non-negative"):
-        cam_center_fraction(-np.ones((1, 32, 32)))
-    with pytest.raises(GradCAMError, match=r"\(N, H, W\)"):
-        cam_center_fraction(np.ones((32, 32)))
+        centre_mass(-np.ones((1, 32, 32)))
+    with pytest.raises(GradCAMError, match=r"\(N, h, w\)"):
+        centre_mass(np.ones((32, 32)))
 
 
 # ---------------------------------------------------------------- overlay

@@ -23,7 +23,9 @@ from common.metrics import (
     cluster_metrics,
     domain_probe,
     hungarian_accuracy,
+    independent_units,
     roc_points,
+    within_source_metrics,
 )
 
 # Tiny binary example; by hand: pred = [0, 0, 1, 0, 1, 1], confusion [[2, 1], [1, 2]], and of the 9
@@ -128,8 +130,86 @@ def test_domain_probe_chance_and_shift():
 
 
 def test_domain_probe_rejects_too_few_rows():
-    with pytest.raises(MetricsError, match="rows each"):
-        domain_probe(np.zeros((6, 2)), np.array([0, 0, 0, 0, 1, 1]), seed=0, folds=5)
+    with pytest.raises(MetricsError, match="2 groups"):
+        domain_probe(np.zeros((4, 2)), np.array([0, 0, 0, 1]), seed=0, folds=5)
+    with pytest.raises(MetricsError, match="2 groups"):  # one slide per source: nothing to hold out
+        domain_probe(np.zeros((6, 2)), np.array([0, 0, 0, 1, 1, 1]), seed=0, groups=np.array([7, 7, 7, 8, 8, 8]))
+
+
+def test_grouped_domain_probe_does_not_learn_slides():
+    # Two sources that differ in nothing but their slides: each of 10 slides per source has its own
+    # offset (stain, tissue). Folds over patches put every slide in training and test, so the probe
+    # learns which slide is which source and scores far above chance; grouped folds hold whole slides
+    # out and see through it.
+    rng = np.random.default_rng(4)
+    slide = np.repeat(np.arange(20), 30)
+    source = np.where(slide < 10, "pcam", "dlbcl")
+    features = rng.normal(scale=3.0, size=(20, 16))[slide] + rng.normal(size=(600, 16))
+    by_patch = domain_probe(features, source, seed=0)
+    by_slide = domain_probe(features, source, seed=0, groups=slide)
+    assert by_patch > 0.9  # measured 0.962
+    assert abs(by_slide - 0.5) < 0.1  # measured 0.493
+    # A real source shift (20 along one axis, against slides spread 3 per axis) is still found.
+    shifted = features + 20.0 * (source == "dlbcl")[:, None] * np.eye(16)[0]
+    assert domain_probe(shifted, source, seed=0, groups=slide) > 0.85  # measured 0.922
+
+
+def test_independent_units():
+    source = np.array(["pcam", "pcam", "dlbcl", "dlbcl"])
+    units, label = independent_units(source, np.array(["s1", "s1", "p1", "p2"]))
+    assert units.tolist() == ["pcam/s1", "pcam/s1", "dlbcl/p1", "dlbcl/p2"] and label == "slides/patients"
+    units, label = independent_units(source, np.array(["unknown"] * 4))
+    assert len(set(units)) == 4 and label == "patches"  # every patch its own unit, never one group
+    units, label = independent_units(source, np.array(["unknown", "unknown", "p1", "p1"]))
+    assert units.tolist() == ["patch/0", "patch/1", "dlbcl/p1", "dlbcl/p1"]  # 4 patches: one digit
+    assert label == "slides/patients; patches where the slide is unknown"
+
+
+def test_patch_level_interval_when_every_group_is_unknown():
+    # 01 without the meta CSVs writes group "unknown" for every PCam patch. One "group" would give
+    # [nan, nan] (or, as before, a nonsense interval); the units make the interval patch-level: the
+    # same as resampling patches, with the same seed.
+    rng = np.random.default_rng(5)
+    labels, probs = _random_predictions(rng, 200, 2)
+    units, label = independent_units(np.full(200, "pcam"), np.full(200, "unknown"))
+    as_units = bootstrap_ci(labels, probs, ["a", "b"], n_boot=200, seed=3, groups=units)
+    as_patches = bootstrap_ci(labels, probs, ["a", "b"], n_boot=200, seed=3)
+    assert label == "patches"
+    assert as_units["accuracy"] == as_patches["accuracy"]
+    lo, hi = as_units["accuracy"]
+    assert lo < accuracy_score(labels, probs.argmax(1)) < hi and hi - lo < 0.2
+    one_group = bootstrap_ci(labels, probs, ["a", "b"], n_boot=200, seed=3, groups=np.full(200, "unknown"))
+    assert np.isnan(one_group["accuracy"]).all()
+
+
+def test_within_source_metrics_by_hand():
+    # mixed: 0 negative, 1 breast (PCam only), 2 lymphoma (DLBCL only).
+    names = ["negative", "breast", "lymphoma"]
+    labels = np.array([0, 0, 1, 1, 0, 0, 2, 2])
+    source = np.array(["pcam"] * 4 + ["dlbcl"] * 4)
+    probs = np.array([
+        [0.7, 0.2, 0.1],  # pcam negative, right
+        [0.2, 0.1, 0.7],  # pcam negative called lymphoma: another source's class; vs breast 0.2 > 0.1
+        [0.3, 0.6, 0.1],  # pcam breast, right
+        [0.5, 0.4, 0.1],  # pcam breast called negative
+        [0.8, 0.1, 0.1],  # dlbcl negative, right
+        [0.4, 0.5, 0.1],  # dlbcl negative called breast; vs lymphoma 0.4 > 0.1: negative, right
+        [0.1, 0.1, 0.8],  # dlbcl lymphoma, right
+        [0.1, 0.2, 0.7],  # dlbcl lymphoma, right
+    ])
+    out = within_source_metrics(labels, np.log(probs), source, names, np.arange(8).astype(str), n_boot=50)
+    pcam, dlbcl = out["pcam"], out["dlbcl"]
+    assert pcam["classes"] == ["negative", "breast"] and dlbcl["classes"] == ["negative", "lymphoma"]
+    # pcam, renormalised over (negative, breast): preds 0, 0, 1, 0 -> 3 of 4 right, recalls 1 and 1/2
+    assert pcam["accuracy"] == pytest.approx(0.75) and pcam["balanced_accuracy"] == pytest.approx(0.75)
+    # breast scores p_b / (p_n + p_b): negatives 2/9, 1/3; positives 2/3, 4/9: every pair ranked right,
+    # though 4/9 < 1/2 is called negative
+    assert pcam["auc"] == pytest.approx(1.0)
+    assert pcam["predicted_other_class"] == pytest.approx(0.25)
+    assert dlbcl["accuracy"] == 1.0 and dlbcl["auc"] == 1.0 and dlbcl["predicted_other_class"] == 0.25
+    assert pcam["ci95"]["accuracy"][0] <= 0.75 <= pcam["ci95"]["accuracy"][1]
+    one_class = within_source_metrics(labels[:2], np.log(probs[:2]), source[:2], names, np.array(["a", "b"]))
+    assert one_class == {"pcam": {"classes": ["negative"], "n": 2}}
 
 
 def test_classification_metrics_binary_by_hand():
