@@ -11,6 +11,7 @@ import yaml
 
 from common import cli
 from common.demo import write_demo_pcam
+from common.patchset import read_patch_set
 from tests.conftest import ROOT, load_script
 
 SPLITS = ("train", "valid", "test")
@@ -43,7 +44,13 @@ def test_outputs_and_grid_search_best_with_junk_labels(tmp_path, filter_script):
     args = config_args(tmp_path, write_pcam(tmp_path / "pcam"), grid_search=True, grid_search_samples=24)
     assert filter_script.main(args) == 0
     summary = read_summary(tmp_path)
-    assert summary["outputs"] == ["train.h5", "valid.h5", "test.h5"]
+    assert summary["outputs"] == ["train.h5", "valid.h5", "test.h5", "test_official.h5"]
+    # the whole official test split, unfiltered, in the input's order: what 06 scores as the PCam benchmark
+    with h5py.File(tmp_path / "pcam" / "camelyonpatch_level_2_split_test_x.h5", "r") as f:
+        official_x = f["x"][:]
+    official = read_patch_set(tmp_path / "runs" / "t" / "01_filter_pcam" / "test_official.h5")
+    np.testing.assert_array_equal(official.x, official_x)
+    assert len(official) == summary["splits"]["test"]["n_in"] == 8
     grid = json.loads((tmp_path / "runs" / "t" / "01_filter_pcam" / "grid_search.json").read_text())
     assert grid["split"] == "train" and grid["n_samples"] == 24  # on train only, as config.yaml says
     f1 = np.array([r["f1"] for r in grid["results"]])
