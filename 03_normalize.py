@@ -12,9 +12,13 @@ Writes (runs/<run>/03_normalize/):
     summary.json                                        patches per file, and how many were left
                                                         unchanged (too little tissue to estimate stains)
 
-Reference `auto`: the pooled stain estimate of `normalize.reference_patches` seeded random PCam training
-patches (one 96x96 patch gives a noisy stain matrix), so both datasets move to PCam's colours. Patches
-too poor in tissue to estimate their own stains are returned unchanged and counted.
+Reference `auto`: `normalize.reference_patches` seeded random PCam training patches, so both datasets move
+to PCam's colours. Their pooled pixels give the stain vectors (one 96x96 patch gives a noisy stain
+matrix); the targets a single patch is mapped to are per-patch statistics — Reinhard: the mean of the
+patches' Lab means and the RMS of their within-patch standard deviations; Macenko/Vahadane: the median
+of the patches' 99th-percentile concentrations — since pooled statistics add the spread between patches
+and stretch every patch's contrast. Patches too poor in tissue to estimate their own stains are returned
+unchanged and counted.
 
 `normalize.<method>.keep_residual` (Macenko, Vahadane): false (torchstain / staintools, the thesis) rebuilds each
 patch from its two stains alone, losing the colour a 2-stain model cannot represent (1-8 grey levels
@@ -63,7 +67,7 @@ def make_normalizers(nc: dict) -> dict[str, stain.StainNormalizer]:
 
 def load_reference(cfg: dict, pcam_train: Path) -> tuple[np.ndarray, str]:
     """The reference: uint8 (H, W, 3) RGB from a file, or for `auto` uint8 (K, 96, 96, 3) seeded random
-    PCam training patches whose pooled stain estimate is the target (one 96x96 patch is too noisy)."""
+    PCam training patches (see the module docstring for how a batch becomes a target)."""
     ref = cfg["normalize"]["reference"]
     if ref != "auto":
         image = cv2.imread(ref, cv2.IMREAD_COLOR)
@@ -76,7 +80,7 @@ def load_reference(cfg: dict, pcam_train: Path) -> tuple[np.ndarray, str]:
             raise UserError(f"{pcam_train} holds no patches")
         rng = np.random.default_rng(cfg["run"]["seed"])
         chosen = np.sort(rng.choice(n, min(cfg["normalize"]["reference_patches"], n), replace=False))
-        return f["x"][chosen], f"auto: {len(chosen)} random PCam train patches, pooled"
+        return f["x"][chosen], f"auto: {len(chosen)} random PCam train patches"
 
 
 def main(argv: list[str] | None = None) -> int:

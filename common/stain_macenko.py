@@ -51,13 +51,17 @@ class Macenko(StainNormalizer):
         return np.asarray(self.state["stain_matrix"], dtype=np.float64)
 
     def fit(self, reference: np.ndarray) -> Macenko:
-        """Estimate the reference stains from uint8 RGB (H, W, 3), or (N, H, W, 3) pooled; returns self.
+        """Estimate the reference from uint8 RGB (H, W, 3), or patches (N, H, W, 3); returns self.
+
+        The stains come from all reference pixels pooled; the target concentrations of a batch are the
+        median over its usable patches of each patch's own 99th percentiles (see ``two_stain_state``).
 
         Raises:
             StainError: bad array, or a reference with too little tissue / a single stain.
         """
-        reference, (stains, max_conc, _) = self._pooled_reference(reference)
-        self.state = {**reference_id(reference), **two_stain_state(stains[0], max_conc[0])}
+        reference, (stains, max_conc, _), per_patch = self._reference_estimates(reference)
+        per_patch_max = None if per_patch is None else per_patch[1]
+        self.state = {**reference_id(reference), **two_stain_state(stains[0], max_conc[0], per_patch_max)}
         return self
 
     def _features(self, images: np.ndarray, device: str) -> tuple[torch.Tensor, torch.Tensor]:
