@@ -418,6 +418,18 @@ def pseudo_inverse(stains: torch.Tensor) -> torch.Tensor:
     return (adjugate / det[:, None, None] @ stains.double()).float()
 
 
+def h_then_e(stains: torch.Tensor) -> torch.Tensor:
+    """The two stain rows of each unit (U, 2, 3) ordered hematoxylin then eosin: of the two possible
+    assignments, the one whose rows best match the Ruifrok-Johnston H and E vectors (the larger sum of
+    cosines). "Larger red OD first" has a margin of only 0.01-0.05 on PCam's purple stains and swaps
+    some references; a swapped reference turns stroma brown."""
+    standard = torch.tensor(RUIFROK_HE, dtype=stains.dtype, device=stains.device)
+    standard = standard / standard.norm(dim=1, keepdim=True)
+    cosine = (stains / stains.norm(dim=2, keepdim=True).clamp(min=1e-12)) @ standard.T  # (U, row, H|E)
+    swap = cosine[:, 0, 1] + cosine[:, 1, 0] > cosine[:, 0, 0] + cosine[:, 1, 1]
+    return torch.where(swap[:, None, None], stains.flip(1), stains)
+
+
 def stains_usable(stains, max_conc, ratio, tissue, params) -> torch.Tensor:
     """ok (U,): enough tissue, two distinct stains, finite and positive concentrations."""
     cosine = (stains[:, 0] * stains[:, 1]).sum(dim=1)

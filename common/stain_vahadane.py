@@ -8,6 +8,7 @@ import torch
 from common.stain_ops import (
     RUIFROK_HE,
     StainNormalizer,
+    h_then_e,
     keep_unusable,
     lab8,
     luminosity_mask,
@@ -28,7 +29,8 @@ class Vahadane(StainNormalizer):
     OD = -log(I / 255); a sparse non-negative dictionary of 2 stains (norm <= 1) learned on at most
     max_fit_pixels tissue pixels by alternating exact non-negative lasso codes and block-coordinate
     dictionary updates (Mairal et al. 2010, the algorithm behind SPAMS' trainDL), started from the
-    standard H&E stains, so deterministic and batched; hematoxylin first; concentrations by the exact
+    standard H&E stains, so deterministic and batched; hematoxylin first (the assignment closest to
+    Ruifrok-Johnston's H and E); concentrations by the exact
     non-negative lasso, scaled so that each stain's 99th percentile matches the reference's; remixed
     with the reference's stains.
 
@@ -110,9 +112,7 @@ class Vahadane(StainNormalizer):
             if len(active) == 0:
                 break
         stains = dictionary / dictionary.norm(dim=2, keepdim=True).clamp(min=1e-12)
-        # Hematoxylin absorbs more red than eosin: larger red OD first (staintools' rule).
-        swap = stains[:, 0, 0] < stains[:, 1, 0]
-        stains = torch.where(swap[:, None, None], stains.flip(1), stains)
+        stains = h_then_e(stains)  # not staintools' "larger red OD first", which swaps PCam references
         max_conc = max_concentrations(nonneg_lasso(stains, od, self.params["concentration_lambda"]))
         return stains, max_conc, stains_usable(stains, max_conc, ratio, tissue, self.params)
 
