@@ -4,6 +4,7 @@ a plain per-image OpenCV Reinhard, scikit-learn's positive Lasso, and hand-built
 Real images come from tests/data (see its SOURCES.md).
 """
 
+import json
 from functools import cache
 from pathlib import Path
 
@@ -518,3 +519,69 @@ def test_per_patch_estimates_are_hematoxylin_first(method):
     standard = torch.tensor(stain_ops.RUIFROK_HE) / torch.tensor(stain_ops.RUIFROK_HE).norm(dim=1, keepdim=True)
     cosine = stains[ok].double() @ standard.double().T
     assert (cosine[:, 0, 0] + cosine[:, 1, 1] >= cosine[:, 0, 1] + cosine[:, 1, 0]).all()
+
+
+# ------------------------------------------------------------------ 03_normalize
+def fake_upstream(tmp_path: Path, n: int = 120) -> Path:
+    """01's and 02's step folders holding real PCam tiles (n per set), and a config that reads them."""
+    import yaml
+
+    from common.patchset import PatchSet, write_patch_set
+    from tests.conftest import ROOT
+    rng = np.random.default_rng(0)
+    tiles = reference_set()
+    for step, files in (("01_filter_pcam", ("train", "valid", "test")), ("02_tile_dlbcl", ("dlbcl",))):
+        folder = tmp_path / "runs" / "t" / step
+        folder.mkdir(parents=True)
+        for name in files:
+            x = tiles[rng.integers(0, len(tiles), n)]
+            write_patch_set(folder / f"{name}.h5", PatchSet(x, np.zeros(n, np.uint8), np.array(["g"] * n, object),
+                                                             np.full((n, 2), -1), {"source": name, "split": name}))
+        (folder / "summary.json").write_text(json.dumps({"outputs": [f"{name}.h5" for name in files]}))
+    config = {"base": str(ROOT / "configs" / "demo.yaml"), "run": {"name": "t", "output_root": str(tmp_path / "runs")},
+              "normalize": {"methods": ["none", "macenko", "vahadane"], "fit_scope": "patch", "reference_patches": 16}}
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def disk_bytes(folder: Path) -> int:
+    """Bytes a folder takes on disk, links counted as links (like du)."""
+    return sum(path.lstat().st_blocks * 512 for path in folder.rglob("*"))
+
+
+def test_03_none_links_records_reference_stains_and_checks_disk_first(tmp_path, monkeypatch):
+    import shutil
+
+    from common.patchset import read_patch_set
+    from tests.conftest import load_script
+    script = load_script("03_normalize")
+    config = fake_upstream(tmp_path)
+    runs = tmp_path / "runs" / "t"
+
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=10_000))
+    before = sorted(p.relative_to(runs) for p in runs.rglob("*"))
+    assert cli_run(script, config) == 2
+    assert sorted(p.relative_to(runs) for p in runs.rglob("*")) == before  # nothing written
+    monkeypatch.setattr(shutil, "disk_usage", real_usage)
+
+    assert cli_run(script, config) == 0
+    out = runs / "03_normalize"
+    upstream = disk_bytes(runs / "01_filter_pcam") + disk_bytes(runs / "02_tile_dlbcl")
+    assert disk_bytes(out / "none") < 0.01 * upstream
+    for name, source in (("pcam_train", "01_filter_pcam/train.h5"), ("dlbcl", "02_tile_dlbcl/dlbcl.h5")):
+        linked, original = read_patch_set(out / "none" / f"{name}.h5"), read_patch_set(runs / source)
+        np.testing.assert_array_equal(linked.x, original.x)
+        np.testing.assert_array_equal(linked.y, original.y)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["reference_stains"]) == {"macenko", "vahadane"}
+    for method, matrix in summary["reference_stains"].items():
+        fitted = stain.from_json(json.loads((out / method / "normalizer.json").read_text())["state"])
+        np.testing.assert_allclose(matrix, fitted.stain_matrix)
+        assert np.array(matrix).shape == (2, 3) and matrix[0][2] > matrix[1][2]  # H (bluer) first
+
+
+def cli_run(script, config: Path) -> int:
+    from common import cli
+    return cli.run(script.main, ["--config", str(config)])
