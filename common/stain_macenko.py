@@ -7,6 +7,7 @@ import torch
 
 from common.stain_ops import (
     StainNormalizer,
+    h_then_e,
     keep_unusable,
     max_concentrations,
     optical_density,
@@ -26,8 +27,9 @@ class Macenko(StainNormalizer):
     Per patch (or group): optical density OD = -log((I + 1) / io); tissue = pixels whose every OD
     channel is >= beta; the plane of the two largest eigenvectors of the tissue OD covariance; the
     alpha-th and (100 - alpha)-th percentiles of the tissue pixels' angles in that plane give the two
-    stain vectors, hematoxylin first; concentrations by least squares over all pixels, scaled so that
-    each stain's 99th percentile matches the reference's; remixed with the reference's stains.
+    stain vectors, hematoxylin first (the assignment closest to Ruifrok-Johnston's H and E, where
+    torchstain puts the larger red OD first); concentrations by least squares over all pixels, scaled
+    so that each stain's 99th percentile matches the reference's; remixed with the reference's stains.
 
     Usage::
 
@@ -51,13 +53,17 @@ class Macenko(StainNormalizer):
         return np.asarray(self.state["stain_matrix"], dtype=np.float64)
 
     def fit(self, reference: np.ndarray) -> Macenko:
-        """Estimate the reference stains from uint8 RGB (H, W, 3), or (N, H, W, 3) pooled; returns self.
+        """Estimate the reference from uint8 RGB (H, W, 3), or patches (N, H, W, 3); returns self.
+
+        The stains come from all reference pixels pooled; the target concentrations of a batch are the
+        median over its usable patches of each patch's own 99th percentiles (see ``two_stain_state``).
 
         Raises:
             StainError: bad array, or a reference with too little tissue / a single stain.
         """
-        reference, (stains, max_conc, _) = self._pooled_reference(reference)
-        self.state = {**reference_id(reference), **two_stain_state(stains[0], max_conc[0])}
+        reference, (stains, max_conc, _), per_patch = self._reference_estimates(reference)
+        per_patch_max = None if per_patch is None else per_patch[1]
+        self.state = {**reference_id(reference), **two_stain_state(stains[0], max_conc[0], per_patch_max)}
         return self
 
     def _features(self, images: np.ndarray, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,9 +83,7 @@ class Macenko(StainNormalizer):
         alpha = self.params["alpha"]
         angles = torch.stack([percentile(angle, tissue, alpha), percentile(angle, tissue, 100.0 - alpha)], dim=1)
         extremes = plane @ torch.stack([angles.cos(), angles.sin()], dim=1)  # (U, 3, 2): [v_min, v_max]
-        # Hematoxylin absorbs more red than eosin: the vector with the larger red OD goes first.
-        min_first = extremes[:, 0, 0] > extremes[:, 0, 1]
-        stains = torch.where(min_first[:, None, None], extremes, extremes.flip(2)).transpose(1, 2)
+        stains = h_then_e(extremes.transpose(1, 2))
         max_conc = max_concentrations(pseudo_inverse(stains) @ od)
         return stains, max_conc, stains_usable(stains, max_conc, ratio, tissue, self.params)
 

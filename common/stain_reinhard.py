@@ -43,13 +43,20 @@ class Reinhard(StainNormalizer):
     defaults = {"luminosity_threshold": 0.8}  # Lab L / 255 below this is tissue (staintools)
 
     def fit(self, reference: np.ndarray) -> Reinhard:
-        """Lab statistics of uint8 RGB (H, W, 3), or (N, H, W, 3) pooled; returns self.
+        """Lab statistics of uint8 RGB (H, W, 3), or of patches (N, H, W, 3); returns self.
+
+        A batch's target is what a single patch should be mapped to: the mean of the usable patches'
+        means and the root-mean-square of their within-patch standard deviations. The standard deviation
+        of the pooled pixels would add the spread *between* patches and stretch every patch's contrast.
 
         Raises:
             StainError: bad array, or a reference with too little tissue / a single stain.
         """
-        reference, (stats, _, _) = self._pooled_reference(reference)
-        self.state = {**reference_id(reference), "lab_mean": stats[0, 0].tolist(), "lab_std": stats[0, 1].tolist()}
+        reference, (stats, _, _), per_patch = self._reference_estimates(reference)
+        mean, std = stats[0, 0], stats[0, 1]
+        if per_patch is not None:
+            mean, std = per_patch[0][:, 0].mean(dim=0), per_patch[0][:, 1].square().mean(dim=0).sqrt()
+        self.state = {**reference_id(reference), "lab_mean": mean.tolist(), "lab_std": std.tolist()}
         return self
 
     def _features(self, images: np.ndarray, device: str):

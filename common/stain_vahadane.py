@@ -8,6 +8,7 @@ import torch
 from common.stain_ops import (
     RUIFROK_HE,
     StainNormalizer,
+    h_then_e,
     keep_unusable,
     lab8,
     luminosity_mask,
@@ -28,7 +29,8 @@ class Vahadane(StainNormalizer):
     OD = -log(I / 255); a sparse non-negative dictionary of 2 stains (norm <= 1) learned on at most
     max_fit_pixels tissue pixels by alternating exact non-negative lasso codes and block-coordinate
     dictionary updates (Mairal et al. 2010, the algorithm behind SPAMS' trainDL), started from the
-    standard H&E stains, so deterministic and batched; hematoxylin first; concentrations by the exact
+    standard H&E stains, so deterministic and batched; hematoxylin first (the assignment closest to
+    Ruifrok-Johnston's H and E); concentrations by the exact
     non-negative lasso, scaled so that each stain's 99th percentile matches the reference's; remixed
     with the reference's stains.
 
@@ -56,13 +58,17 @@ class Vahadane(StainNormalizer):
         return np.asarray(self.state["stain_matrix"], dtype=np.float64)
 
     def fit(self, reference: np.ndarray) -> Vahadane:
-        """Estimate the reference stains from uint8 RGB (H, W, 3), or (N, H, W, 3) pooled; returns self.
+        """Estimate the reference from uint8 RGB (H, W, 3), or patches (N, H, W, 3); returns self.
+
+        The stains come from all reference pixels pooled; the target concentrations of a batch are the
+        median over its usable patches of each patch's own 99th percentiles (see ``two_stain_state``).
 
         Raises:
             StainError: bad array, or a reference with too little tissue / a single stain.
         """
-        reference, (stains, max_conc, _) = self._pooled_reference(reference)
-        self.state = {**reference_id(reference), **two_stain_state(stains[0], max_conc[0])}
+        reference, (stains, max_conc, _), per_patch = self._reference_estimates(reference)
+        per_patch_max = None if per_patch is None else per_patch[1]
+        self.state = {**reference_id(reference), **two_stain_state(stains[0], max_conc[0], per_patch_max)}
         return self
 
     def _features(self, images: np.ndarray, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,9 +112,7 @@ class Vahadane(StainNormalizer):
             if len(active) == 0:
                 break
         stains = dictionary / dictionary.norm(dim=2, keepdim=True).clamp(min=1e-12)
-        # Hematoxylin absorbs more red than eosin: larger red OD first (staintools' rule).
-        swap = stains[:, 0, 0] < stains[:, 1, 0]
-        stains = torch.where(swap[:, None, None], stains.flip(1), stains)
+        stains = h_then_e(stains)  # not staintools' "larger red OD first", which swaps PCam references
         max_conc = max_concentrations(nonneg_lasso(stains, od, self.params["concentration_lambda"]))
         return stains, max_conc, stains_usable(stains, max_conc, ratio, tissue, self.params)
 
