@@ -153,3 +153,9 @@ def test_a_task_missing_a_key_names_it(tmp_path: Path):
     (tmp_path / "c.yaml").write_text(f"base: {ROOT / 'config.yaml'}\ntasks: {{x: {{classes: [a, b]}}}}\n")
     with pytest.raises(UserError, match="config is missing key tasks.x.sets"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_mixed_negatives_from_pcam_only_is_one_override():
+    cfg = load_config(ROOT / "config.yaml", ["tasks.mixed.sets.dlbcl.labels=[null,lymphoma]"])
+    assert cfg["tasks"]["mixed"]["sets"]["dlbcl"] == {"source": "dlbcl", "labels": [None, "lymphoma"]}
+    assert cfg["tasks"]["mixed"]["sets"]["pcam_train"]["labels"] == ["negative", "breast"]
