@@ -81,7 +81,7 @@ def _grouped_assignment(groups: np.ndarray, label: np.ndarray, fractions: list[f
     complete = np.array([np.isin(present, label[fold == k]).all() for k in range(n_folds)])
     order = rng.permutation(n_folds)
     order = order[np.argsort(~complete[order], kind="stable")]  # folds holding every class first
-    names = ["test", "valid", "train"] + ["valid"] * (n_valid - 1) + ["test"] * (n_test - 1)
+    names = (["test", "valid", "train"] + ["valid"] * (n_valid - 1) + ["test"] * (n_test - 1))[:n_folds]
     split_of_fold = np.full(n_folds, "train")
     split_of_fold[order[:len(names)]] = names
     return split_of_fold[fold]

@@ -167,6 +167,12 @@ def test_grouped_split_is_stratified(tmp_path, negative_patients):
         assert len(g["train"]) >= 14 and sum(counts["train"]) >= 0.7 * len(cols["label"])  # about 80 %
 
 
+def test_grouped_split_of_few_groups_with_large_valid_and_test_shares(tmp_path):
+    write_dlbcl(tmp_path, [0, 1, 2, 3], patients=4)  # 4 folds at most, 2 + 2 wanted for valid and test
+    cols = data.make_split(task("dlbcl", split_fractions=[0.2, 0.4, 0.4]), tmp_path, seed=0)
+    assert [len(g) for g in groups_by_split(cols).values()] == [1, 2, 1]  # train keeps one: test, valid, train first
+
+
 def test_grouped_split_stops_when_a_class_has_two_groups(tmp_path):
     write_dlbcl(tmp_path, [4, 9])
     with pytest.raises(UserError, match=r"split holds no 'negative' patch: 20 patches of it in 2 group\(s\)"):
