@@ -58,9 +58,10 @@ def _grouped_assignment(groups: np.ndarray, label: np.ndarray, fractions: list[f
     """Assign whole groups to train/valid/test, stratified by class, so that every split holds every
     class wherever each class has groups enough.
 
-    scikit-learn's StratifiedGroupKFold cuts the groups into folds of about the smallest fraction each,
-    with class mixes as alike as it can make them; folds holding every class are dealt first, one to
-    each split, and the rest make up each split's share of the folds.
+    scikit-learn's StratifiedGroupKFold cuts the groups into folds of about the smallest fraction each
+    (fewer where fewer than 3 folds would hold every class), with class mixes as alike as it can make them;
+    folds holding every class are dealt first, one to each split, and the rest make up each split's
+    share of the folds.
 
     Returns: str (N,) of split names.
     """
@@ -69,16 +70,21 @@ def _grouped_assignment(groups: np.ndarray, label: np.ndarray, fractions: list[f
         raise UserError(f"only {n_groups} group(s) (slides/patients) to split into train, valid and test: "
                         f"a grouped split needs at least 3")
     shares = np.asarray(fractions) / np.sum(fractions)
-    n_folds = int(min(max(round(1 / shares.min()), 3), n_groups))
-    n_valid, n_test = (max(1, round(f * n_folds)) for f in shares[1:])
-    folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=int(rng.integers(2**31)))
-    fold = np.empty(len(groups), np.int64)
-    with warnings.catch_warnings():  # "least populated class has fewer members than n_splits": checked later
-        warnings.simplefilter("ignore", UserWarning)
-        for k, (_, members) in enumerate(folds.split(np.zeros(len(groups)), label, groups)):
-            fold[members] = k
+    seed = int(rng.integers(2**31))
     present = np.unique(label)
-    complete = np.array([np.isin(present, label[fold == k]).all() for k in range(n_folds)])
+    # Fewer folds where too few of them hold every class (single-group folds of one-class groups):
+    # coarser fractions, every class in every split.
+    for n_folds in range(int(min(max(round(1 / shares.min()), 3), n_groups)), 2, -1):
+        folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        fold = np.empty(len(groups), np.int64)
+        with warnings.catch_warnings():  # "least populated class has fewer members than n_splits": checked later
+            warnings.simplefilter("ignore", UserWarning)
+            for k, (_, members) in enumerate(folds.split(np.zeros(len(groups)), label, groups)):
+                fold[members] = k
+        complete = np.array([np.isin(present, label[fold == k]).all() for k in range(n_folds)])
+        if complete.sum() >= 3:
+            break
+    n_valid, n_test = (max(1, round(f * n_folds)) for f in shares[1:])
     order = rng.permutation(n_folds)
     order = order[np.argsort(~complete[order], kind="stable")]  # folds holding every class first
     names = (["test", "valid", "train"] + ["valid"] * (n_valid - 1) + ["test"] * (n_test - 1))[:n_folds]
