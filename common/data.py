@@ -2,9 +2,9 @@
 
 A task (one entry of the config's `tasks:`, see config.yaml) names the patch sets it reads, maps each
 source's labels to its classes, and says how to split them: `official` (each set keeps its own split),
-`grouped` (sets without an official split are split by group, so no slide or patient is in two splits)
-or `random` (patches at random, the thesis; one patient can then sit in train and test), optionally
-class-balanced to `balanced_size` patches.
+`grouped` (sets without an official split are split by group, stratified, so that no slide or patient
+is in two splits and every split holds every class) or `random` (patches at random, the thesis; one
+patient can then sit in train and test), optionally class-balanced to `balanced_size` patches.
 
 The split is written to the experiment folder as `split.csv` (split, file, index, group, source,
 label) and read back by 06 and 07, so they see exactly the patches 05 used.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import cv2
 import h5py
 import numpy as np
 import torch
+from sklearn.model_selection import StratifiedGroupKFold
 
 from common.config import SPLITS, UserError
 from common.steps import atomic_path
@@ -51,26 +53,56 @@ def _read_meta(path: Path) -> tuple[np.ndarray, np.ndarray]:
         return f["y"][:].astype(np.int64), f["group"].asstr()[:].astype(str)
 
 
-def _grouped_assignment(groups: np.ndarray, fractions: list[float], rng: np.random.Generator) -> np.ndarray:
-    """Assign whole groups to train/valid/test so that patch counts approach `fractions`.
+def _grouped_assignment(groups: np.ndarray, label: np.ndarray, fractions: list[float],
+                        rng: np.random.Generator) -> np.ndarray:
+    """Assign whole groups to train/valid/test, stratified by class, so that every split holds every
+    class wherever each class has groups enough.
+
+    scikit-learn's StratifiedGroupKFold cuts the groups into folds of about the smallest fraction each
+    (fewer where fewer than 3 folds would hold every class), with class mixes as alike as it can make them;
+    folds holding every class are dealt first, one to each split, and the rest make up each split's
+    share of the folds.
 
     Returns: str (N,) of split names.
     """
-    names, counts = np.unique(groups, return_counts=True)
-    order = rng.permutation(len(names))
-    cum = np.cumsum(counts[order]) / counts.sum()
-    bounds = np.cumsum(fractions) / np.sum(fractions)
-    # the group whose patches straddle a boundary goes to the split holding its midpoint
-    mid = cum - counts[order] / counts.sum() / 2
-    which = np.searchsorted(bounds, mid, side="right").clip(0, 2)
-    # every split needs at least one group where there are enough groups
-    if len(names) >= 3:
-        for s in range(3):
-            if not np.any(which == s):
-                donor = np.argmax(np.bincount(which, minlength=3))
-                which[np.flatnonzero(which == donor)[-1 if s > donor else 0]] = s
-    split_of_group = dict(zip(names[order], np.array(SPLITS)[which], strict=True))
-    return np.array([split_of_group[g] for g in groups])
+    n_groups = len(np.unique(groups))
+    if n_groups < 3:
+        raise UserError(f"only {n_groups} group(s) (slides/patients) to split into train, valid and test: "
+                        f"a grouped split needs at least 3")
+    shares = np.asarray(fractions) / np.sum(fractions)
+    seed = int(rng.integers(2**31))
+    present = np.unique(label)
+    # Fewer folds where too few of them hold every class (single-group folds of one-class groups):
+    # coarser fractions, every class in every split.
+    for n_folds in range(int(min(max(round(1 / shares.min()), 3), n_groups)), 2, -1):
+        folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        fold = np.empty(len(groups), np.int64)
+        with warnings.catch_warnings():  # "least populated class has fewer members than n_splits": checked later
+            warnings.simplefilter("ignore", UserWarning)
+            for k, (_, members) in enumerate(folds.split(np.zeros(len(groups)), label, groups)):
+                fold[members] = k
+        complete = np.array([np.isin(present, label[fold == k]).all() for k in range(n_folds)])
+        if complete.sum() >= 3:
+            break
+    n_valid, n_test = (max(1, round(f * n_folds)) for f in shares[1:])
+    order = rng.permutation(n_folds)
+    order = order[np.argsort(~complete[order], kind="stable")]  # folds holding every class first
+    names = (["test", "valid", "train"] + ["valid"] * (n_valid - 1) + ["test"] * (n_test - 1))[:n_folds]
+    split_of_fold = np.full(n_folds, "train")
+    split_of_fold[order[:len(names)]] = names
+    return split_of_fold[fold]
+
+
+def _check_every_class(cols: dict, classes: list[str]) -> None:
+    """Raise UserError naming the first split that lacks a class, and how many groups hold that class."""
+    for s in SPLITS:
+        held = np.unique(cols["label"][cols["split"] == s])
+        for k in np.setdiff1d(np.arange(len(classes)), held):
+            mine = cols["label"] == k
+            n_groups = len(np.unique(np.char.add(cols["source"][mine].astype(str), cols["group"][mine].astype(str))))
+            raise UserError(f"the {s} split holds no {classes[k]!r} patch: {int(mine.sum())} patches of it in "
+                            f"{n_groups} group(s) (slides/patients) cannot fill train, valid and test (a grouped "
+                            f"split needs the class in at least 3 groups; a balanced one enough patches per split)")
 
 
 def _random_assignment(n: int, fractions: list[float], rng: np.random.Generator) -> np.ndarray:
@@ -84,6 +116,8 @@ def make_split(task: dict, folder: Path, seed: int) -> dict[str, np.ndarray]:
 
     Returns: columns split, file, index, group, source, label (the index of the task's class), one
     entry per chosen patch, in set order (balanced tasks: in file order within each set).
+    Raises:
+        UserError: a split that holds no patch of some class (too few groups or patches of it).
     """
     fractions, policy = task["split_fractions"], task["split"]
     rng = np.random.default_rng(seed)
@@ -101,13 +135,14 @@ def make_split(task: dict, folder: Path, seed: int) -> dict[str, np.ndarray]:
     by_group = split == ""
     if by_group.any():  # groups of different sources are different slides or patients, whatever their names
         qualified = np.char.add(np.char.add(source[by_group].astype(str), "/"), group[by_group].astype(str))
-        split[by_group] = _grouped_assignment(qualified, fractions, rng)
+        split[by_group] = _grouped_assignment(qualified, label[by_group], fractions, rng)
     cols = {"split": split.astype(str), "file": file, "index": index, "group": group, "source": source,
             "label": label}
-    if task["balanced_size"] is None:
-        return cols
-    take = _balanced_take(cols, len(task["classes"]), task["balanced_size"], fractions, rng)
-    return {k: v[take] for k, v in cols.items()}
+    if task["balanced_size"] is not None:
+        take = _balanced_take(cols, len(task["classes"]), task["balanced_size"], fractions, rng)
+        cols = {k: v[take] for k, v in cols.items()}
+    _check_every_class(cols, task["classes"])
+    return cols
 
 
 def _task_labels(y: np.ndarray, labels: list, classes: list[str], path: Path) -> np.ndarray:
@@ -143,7 +178,7 @@ def _balanced_take(cols: dict, n_classes: int, size: int, fractions: list[float]
     take = []
     for s, fraction in zip(SPLITS, fractions, strict=True):
         n = int(round(size * fraction / sum(fractions) / n_classes))
-        for k in [*range(1, n_classes), 0]:  # class 0 last: the draw order of the code this replaced
+        for k in range(n_classes):
             pools = [rng.permutation(np.flatnonzero((split == s) & (label == k) & (source == src)))
                      for src in sources if ((label == k) & (source == src)).any()]
             shares = _even_shares(np.array([len(p) for p in pools]), n)

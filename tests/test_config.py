@@ -171,3 +171,9 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path: Path, text, message):
         with pytest.raises(UserError) as error:
             load_config(path)
         assert str(error.value) == f"config file {tmp_path / 'base.yaml'}, {message}"
+
+
+def test_mixed_negatives_from_pcam_only_is_one_override():
+    cfg = load_config(ROOT / "config.yaml", ["tasks.mixed.sets.dlbcl.labels=[null,lymphoma]"])
+    assert cfg["tasks"]["mixed"]["sets"]["dlbcl"] == {"source": "dlbcl", "labels": [None, "lymphoma"]}
+    assert cfg["tasks"]["mixed"]["sets"]["pcam_train"]["labels"] == ["negative", "breast"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common import data
-from common.config import load_config
+from common.config import UserError, load_config
 from common.patchset import PatchSet, write_patch_set
 from tests.conftest import ROOT
 
@@ -142,3 +142,62 @@ def test_dihedral_views_are_the_eight_transforms():
     batch = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
     views = torch.stack(data.dihedral(batch))
     assert len({tuple(v.flatten().tolist()) for v in views}) == 8
+
+
+def write_dlbcl(folder: Path, negative_patients: list[int], patients: int = 20) -> None:
+    """DLBCL-like set: 10 lymphoma patches per patient, 10 negatives on `negative_patients` only."""
+    patient = np.r_[np.repeat(np.arange(patients), 10), np.repeat(negative_patients, 10)]
+    y = np.r_[np.ones(10 * patients), np.zeros(10 * len(negative_patients))].astype(np.uint8)
+    write_patch_set(folder / "dlbcl.h5", PatchSet(np.zeros((len(y), 96, 96, 3), np.uint8), y,
+                                                  np.array([f"p{i:02d}" for i in patient]), np.full((len(y), 2), -1),
+                                                  {"source": "dlbcl"}))
+
+
+@pytest.mark.parametrize("negative_patients", [[0, 5, 10, 15], [3, 7, 11]])
+def test_grouped_split_is_stratified(tmp_path, negative_patients):
+    # Negatives on a few patients only: the unstratified assignment this replaced left the valid or test
+    # split without negatives for each of seeds 0-9 with four such patients (e.g. seed 0: valid 0 of 30).
+    write_dlbcl(tmp_path, negative_patients)
+    for seed in range(10):
+        cols = data.make_split(task("dlbcl"), tmp_path, seed=seed)
+        counts = {s: np.bincount(cols["label"][cols["split"] == s], minlength=2) for s in data.SPLITS}
+        assert all((c > 0).all() for c in counts.values()), (seed, counts)
+        g = groups_by_split(cols)
+        assert not (g["train"] & g["valid"]) and not (g["train"] & g["test"]) and not (g["valid"] & g["test"])
+        assert len(g["train"]) >= 14 and sum(counts["train"]) >= 0.7 * len(cols["label"])  # about 80 %
+
+
+def test_grouped_split_of_few_groups_with_large_valid_and_test_shares(tmp_path):
+    write_dlbcl(tmp_path, [0, 1, 2, 3], patients=4)  # 4 folds at most, 2 + 2 wanted for valid and test
+    cols = data.make_split(task("dlbcl", split_fractions=[0.2, 0.4, 0.4]), tmp_path, seed=0)
+    assert [len(g) for g in groups_by_split(cols).values()] == [1, 2, 1]  # train keeps one: test, valid, train first
+
+
+def test_grouped_split_stops_when_a_class_has_two_groups(tmp_path):
+    write_dlbcl(tmp_path, [4, 9])
+    with pytest.raises(UserError, match=r"split holds no 'negative' patch: 20 patches of it in 2 group\(s\)"):
+        data.make_split(task("dlbcl"), tmp_path, seed=0)
+    write_dlbcl(tmp_path, [1], patients=2)
+    with pytest.raises(UserError, match=r"only 2 group\(s\) \(slides/patients\) to split"):
+        data.make_split(task("dlbcl"), tmp_path, seed=0)
+
+
+def test_mixed_takes_its_negatives_from_pcam_only(tmp_path):
+    write_sources(tmp_path)
+    mixed = task("mixed", balanced_size=90)
+    mixed["sets"]["dlbcl"]["labels"] = [None, "lymphoma"]  # --set tasks.mixed.sets.dlbcl.labels=[null,lymphoma]
+    cols = data.make_split(mixed, tmp_path, seed=1)
+    assert set(cols["source"][cols["label"] == 0]) == {"pcam"}
+    assert set(cols["source"][cols["label"] == 2]) == {"dlbcl"}
+    train = cols["split"] == "train"
+    assert np.bincount(cols["label"][train]).tolist() == [24, 24, 24]  # PCam train has 60 negatives
+    # every DLBCL patch kept is a lymphoma patch of the file, at its own row
+    rows = cols["index"][cols["source"] == "dlbcl"]
+    assert (rows % 2 == 1).all()  # write_sources: label = row % 2
+
+
+def test_balanced_draws_are_even_across_sources_and_fill_in():
+    np.testing.assert_array_equal(data._even_shares(np.array([50, 50]), 25), [12, 13])
+    np.testing.assert_array_equal(data._even_shares(np.array([5, 50]), 25), [5, 20])  # a short pool: fill in
+    np.testing.assert_array_equal(data._even_shares(np.array([50, 3, 50]), 20), [8, 3, 9])
+    np.testing.assert_array_equal(data._even_shares(np.array([4, 3]), 20), [4, 3])  # too few: all
