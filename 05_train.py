@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{source} has no patch sets: add {tc['method']!r} to normalize.methods and rerun 03")
     require_step(cfg, "03_normalize", outputs=[f"{tc['method']}/{stem}.h5" for stem in task["sets"]])
     checkpoint = engine.resume_checkpoint(cfg, folder, rank)
+    if world > 1:  # every rank has looked at the folder before rank 0 may clear it
+        dist.barrier()
 
     # ---- model, optimiser, scheduler
     model = models.build_model(tc["model"], engine.num_outputs(len(class_names)), tc["weights"]).to(device)

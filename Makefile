@@ -28,7 +28,7 @@ demo: .venv/.runtime
 	$(PY) 03_normalize.py --config $(CONFIG)
 	$(PY) 04_cluster.py --config $(CONFIG)
 	for task in $(TASKS); do \
-	  $(PY) 05_train.py --config $(CONFIG) --set train.task=$$task && \
+	  $(PY) 05_train.py --config $(CONFIG) --set train.task=$$task --set train.overwrite=true && \
 	  $(PY) 06_evaluate.py --config $(CONFIG) --set train.task=$$task && \
 	  $(PY) 07_gradcam.py --config $(CONFIG) --set train.task=$$task || exit 1; \
 	done

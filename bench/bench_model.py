@@ -50,8 +50,10 @@ def bench_train_step(settings: Settings) -> Result:
                        np.full(len(patches), "bench"), np.arange(len(patches)))
     # The project's switches as configured; bf16 and channels-last only take effect on CUDA.
     tc = {"batch_size": BATCH_SIZE, "channels_last": True, "bf16": True, "augment_flips": True,
-          "augment_rot90": True}
+          "augment_rot90": True, "log_every_steps": 50}
     device = torch.device("cpu")
+    batches = engine.Batches(split.x, split.label, device, on_device=False)
+    guard = engine.TrainingGuard(None, None, device, 0, 1)  # no checkpoints, no signal handlers
     torch.manual_seed(0)
     ours_model = models.build_model("resnet18", 1, "none")
     baseline_model = models.build_model("resnet18", 1, "none")
@@ -64,8 +66,8 @@ def bench_train_step(settings: Settings) -> Result:
 
     def ours() -> dict:
         with contextlib.redirect_stderr(io.StringIO()):  # the progress bar
-            return train_script.train_one_epoch(ours_model, criterion, ours_optimizer, split, mean, std, tc,
-                                                next(epoch), 0, device, 0, 1)
+            return train_script.train_one_epoch(ours_model, criterion, ours_optimizer, batches, mean, std, tc,
+                                                next(epoch), 0, device, 0, 1, guard, None)
 
     def baseline() -> float:
         baseline_model.train()
