@@ -58,6 +58,8 @@ def test_bad_rows_and_slides_are_skipped_and_named(tmp_path: Path, tile_script):
     ps = read_patch_set(out / "dlbcl.h5")
     assert len(ps) == summary["n_patches"] > 0 and ps.x.shape[1:] == (96, 96, 3)
     assert (np.bincount(ps.y) == summary["n_patches"] // 2).all()  # balanced 50/50
+    # The slide has 65 lymphoma patches but only 59 usable negatives: 6 lymphoma dropped at random.
+    assert summary["slides"][0]["patches_kept"] == 65 + 59 and summary["n_positive_dropped_by_balance"] == 6
     assert ps.attrs["mpp"] == pytest.approx(0.972) and set(ps.group) <= {r.split(",")[0] for r in good}
     assert (out / "overview" / "TA101.png").is_file()
     assert summary["outputs"] == ["dlbcl.h5"]
