@@ -82,3 +82,14 @@ def test_cli_unknown_key_exits_2_with_one_line():
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "train.no_such_key" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_one_brightness_rule_for_both_sources():
+    cfg = load_config(ROOT / "config.yaml")
+    assert cfg["filter_pcam"]["value_range"] == cfg["tile_dlbcl"]["value_range"] == [0.25, None]
+    with pytest.raises(UserError, match=re.escape("filter_pcam.value_range = [0.25, None] and "
+                                                  "tile_dlbcl.value_range = [None, 0.8] differ")):
+        load_config(ROOT / "config.yaml", ["tile_dlbcl.value_range=[null, 0.8]"])
+    both = load_config(ROOT / "config.yaml", ["tile_dlbcl.value_range=[0.2, 0.8]",
+                                              "filter_pcam.value_range=[0.2, 0.8]"])
+    assert both["tile_dlbcl"]["value_range"] == [0.2, 0.8]

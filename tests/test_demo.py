@@ -122,11 +122,11 @@ def test_pcam_meta_csv(pcam):
 
 
 def read_junk(pcam: Path) -> dict[str, dict[str, list[int]]]:
-    """demo_junk.csv (split,index,kind) as {split: {kind: [index, ...]}}."""
-    junk: dict[str, dict[str, list[int]]] = {}
+    """demo_junk.csv (split,index,kind) as {split: {kind: [index, ...]}}, every split and kind present."""
+    junk: dict[str, dict[str, list[int]]] = {split: {"blank": [], "ihc": [], "blur": []} for split in SPLITS}
     with open(pcam / "demo_junk.csv", newline="") as f:
         for row in csv.DictReader(f):
-            junk.setdefault(row["split"], {}).setdefault(row["kind"], []).append(int(row["index"]))
+            junk[row["split"]][row["kind"]].append(int(row["index"]))
     return junk
 
 
