@@ -1,13 +1,22 @@
-"""Patch quality filters on mean hue, saturation and value (thesis §5.1.2).
+"""Patch quality filters: mean hue, saturation and value (thesis §5.1.2), brown pixels, focus.
 
 The thesis keeps a PatchCamelyon patch when, after a Gaussian blur, its mean HSV hue, saturation and
 brightness fall in fixed ranges; the aim is to drop blank glass and the few IHC (brown DAB) patches so
-that only H&E tissue remains. DLBCL-Morph tiles get the same test with looser limits.
+that only H&E tissue remains. DLBCL-Morph tiles get the same test with looser limits. Means cannot see
+two kinds of junk, so two per-pixel tests follow (both sources, ``patch_measures``):
+- ``ihc_like``: IHC with a hematoxylin counterstain averages brown and blue to an H&E-like mean hue
+  (~0.95), but its pixels hold DAB: the fraction of tissue pixels whose blue optical density exceeds
+  0.8x their green one (``brown_fraction``; rules at ``TISSUE_OD``) is ~1 there and <= 0.34 on real
+  H&E, so ``max_brown_fraction`` 0.45 separates them.
+- ``out_of_focus``: blur leaves the means alone but removes fine detail: the variance of the grey
+  image's Laplacian (``laplacian_variance``) is >= 0.0020 on every real tissue patch in tests/data and
+  <= 0.0009 once blurred with sigma 2 px, so ``min_laplacian_var`` is 0.0014.
 
 Inputs: uint8 RGB patches ``(N, H, W, 3)`` -- a numpy array or anything sliceable with ``.shape``
 (e.g. an ``h5py`` dataset), read in chunks so memory stays bounded.
-Outputs: per-patch means ``float32 (N, 3)`` (hue, saturation, value on 0..1), keep flags and the first
-failing reason per patch, and grid-search tables for choosing thresholds.
+Outputs: per-patch measures ``float32 (N, 5)`` (``MEASURES``: hue, saturation, value on 0..1, brown
+fraction, Laplacian variance), keep flags and the first failing reason per patch, grid-search tables
+and borderline patches for choosing thresholds, and a brightness summary of what was kept.
 
 Scales. Saturation and value are HSV as OpenCV and ``colorsys`` define them, on 0..1. Hue is on 0..1
 (0 red, 1/3 green, 2/3 blue) and circular; a patch's hue is the hue of its mean chroma vector, i.e. the
@@ -33,9 +42,11 @@ palest tissue (the range stops at 0.975, short of red: IHC with a blue hematoxyl
 to 0.98..0.035 -- brown plus blue -- as the demo's IHC patches show, and real tissue stays <= 0.96;
 blood-filled patches, hue ~0.98, are the price), no brightness ceiling (pale tissue reaches V = 0.96,
 as bright as glass) and a brightness floor of 0.25 that only drops near-black patches (ink, scanner
-fill; real tissue >= 0.50). Measured on 209 tissue, 57 glass and 209 DAB-restained patches: keeps
-100 % of tissue, rejects 100 % of glass and 100 % of the brown patches.
-``DLBCL_QUALITY`` is the thesis's DLBCL-Morph rule: mean S > 0.07 and V < 0.8.
+fill; real tissue >= 0.50). The same value range is the rule for DLBCL-Morph too (config.yaml checks it):
+a ceiling on one source only makes brightness a cue for the source. Measured on 209 tissue, 57 glass,
+209 DAB-restained (pure and counterstained) and 209 blurred (sigma 2 px) patches: keeps 100 % of
+tissue, rejects 100 % of glass, of the brown, of the counterstained and of the blurred patches.
+``DLBCL_QUALITY`` is the thesis's DLBCL-Morph rule: mean S > 0.07 and V < 0.8 (kept for reproduction).
 """
 
 from __future__ import annotations
