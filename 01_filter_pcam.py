@@ -1,4 +1,8 @@
-"""01 · Filter PatchCamelyon by HSV thresholds (thesis §5.1.2): keep H&E tissue, drop glass and IHC.
+"""01 · Quality-filter PatchCamelyon: keep sharp H&E tissue, drop glass, IHC (DAB) and out-of-focus patches.
+
+Tests per patch (common/filters.py, thresholds in filter_pcam): mean HSV hue, saturation and value after a
+light blur (thesis §5.1.2), the fraction of brown tissue pixels (ihc_like) and the variance of the grey
+Laplacian (out_of_focus).
 
 Reads (data.pcam_dir), the official release as downloaded, or torchvision's root (files in its pcam/):
     camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5  (or .h5.gz, decompressed once into
@@ -9,12 +13,17 @@ Writes (runs/<run>/01_filter_pcam/):
     {train,valid,test}.h5      patch sets of the kept patches: always all three splits, which 03 reads
     test_official.h5           the whole official test split, unfiltered: 06 scores the PCam benchmark on it
                                from this step's last run
-    rejected_<split>.png       contact sheet of rejected examples
-    grid_search.json, grid_kept.png, grid_rejected.png   (filter_pcam.grid_search: true; scored on a
-                               sample of filter_pcam.grid_search_samples train patches)
-    summary.json               per split: kept / rejected counts by label and reason, the files read, the
-                               meta CSV and `groups` (slide, or unknown without it); `outputs` lists the
-                               patch sets this run wrote (none when it failed: a split kept no patch, exit 2)
+    rejected_<split>.png       a row of examples per rejection reason, with its count
+    kept_<split>.png           a row of kept examples per label
+    grid_search.json, grid_<threshold>.png   (filter_pcam.grid_search: true) each threshold swept alone on
+                               filter_pcam.grid_search_samples train patches: kept fraction per label,
+                               precision/recall against filter_pcam.junk_csv when given, and per value the
+                               patches just rejected and just kept
+    test_official.h5           the whole official test split, unfiltered (06 scores the PCam benchmark on it)
+    summary.json               per split: kept / rejected counts by label and reason, the mean-V
+                               distribution of the kept patches, the files read, the meta CSV and `groups`
+                               (slide, or unknown without it); `outputs` lists the patch sets this run
+                               wrote (none when it failed: a split kept no patch, exit 2)
 
 Usage:
     python 01_filter_pcam.py --config config.yaml [--set filter_pcam.max_patches_per_split=1000]
@@ -24,7 +33,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -118,27 +126,36 @@ def read_meta(path: Path | None, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 # ---------------------------------------------------------------- the filter
 
+EXAMPLES_PER_ROW = 8  # patches per row in rejected_<split>.png and kept_<split>.png
+
 
 def filter_split(fx, fy, group, coords, writer: PatchSetWriter, thresholds: dict, n: int, chunk: int,
-                 desc: str) -> tuple[dict, np.ndarray]:
-    """Filter patches [0, n) chunk by chunk into `writer`; return counts and up to 64 rejected examples."""
+                 desc: str) -> dict:
+    """Filter patches [0, n) chunk by chunk into `writer`.
+
+    Returns counts {label_<y>: {kept | <reason>: n}}, the mean V of every kept patch (float32), and the
+    first EXAMPLES_PER_ROW examples per rejection reason and per label among the kept.
+    """
     counts: dict[str, dict[str, int]] = {}
-    rejected_examples = []
+    kept_value, rejected_examples, kept_examples = [], {}, {}
     for start in tqdm(range(0, n, chunk), desc=desc, unit="chunk"):
         stop = min(start + chunk, n)
         x, y = fx["x"][start:stop], fy["y"][start:stop].reshape(-1)
-        keep, reason = filters.filter_patches(x, **thresholds, chunk_size=chunk)
+        measures = filters.patch_measures(x, thresholds["blur_sigma_px"], chunk)
+        keep, reason = filters.keep_from_means(measures, **thresholds)
         writer.append(x[keep], y[keep], group[start:stop][keep], coords[start:stop][keep])
+        kept_value.append(measures[keep, 2])
         for label in np.unique(y):
             sel = y == label
             names, num = np.unique(np.where(keep[sel], "kept", reason[sel]), return_counts=True)
             bucket = counts.setdefault(f"label_{label}", {})
             for name, k in zip(names, num, strict=True):
                 bucket[name] = bucket.get(name, 0) + int(k)
-        if sum(len(r) for r in rejected_examples) < 64:
-            rejected_examples.append(x[~keep][:64])
-    examples = np.concatenate(rejected_examples)[:64] if rejected_examples else np.empty((0, 96, 96, 3), np.uint8)
-    return counts, examples
+            add_examples(kept_examples, int(label), x[sel & keep])
+        for name in np.unique(reason[~keep]):
+            add_examples(rejected_examples, str(name), x[reason == name])
+    return {"counts": counts, "kept_value": np.concatenate([np.zeros(0, np.float32), *kept_value]),
+            "rejected_examples": rejected_examples, "kept_examples": kept_examples}
 
 
 def copy_unfiltered(fx, fy, group, coords, writer: PatchSetWriter, n: int, chunk: int) -> None:
@@ -149,50 +166,147 @@ def copy_unfiltered(fx, fy, group, coords, writer: PatchSetWriter, n: int, chunk
         writer.append(fx["x"][start:stop], fy["y"][start:stop].reshape(-1), group[start:stop], coords[start:stop])
 
 
-def candidates(thresholds: dict) -> list[dict]:
-    """Threshold candidates around the configured ones, plus the thesis's preset."""
-    grid = [dict(thresholds), dict(filters.THESIS_PRESET)]
-    s_lo = (thresholds["saturation_range"] or (0.0, None))[0] or 0.0
-    v_hi = (thresholds["value_range"] or (None, 1.0))[1] or 1.0
-    for ds in (-0.03, 0.0, 0.03, 0.06):
-        for dv in (-0.05, 0.0, 0.03):
-            cand = dict(thresholds)
-            cand["saturation_range"] = (round(max(0.0, s_lo + ds), 3), None)
-            cand["value_range"] = ((thresholds["value_range"] or (None, None))[0], round(min(1.0, v_hi + dv), 3))
-            grid.append(cand)
-    return grid
+def add_examples(store: dict, key, images: np.ndarray) -> None:
+    """Top up store[key] (a list of patches) to EXAMPLES_PER_ROW from `images`."""
+    have = store.setdefault(key, [])
+    have += list(images[:EXAMPLES_PER_ROW - len(have)])
+
+
+def rejected_by_reason(counts: dict) -> dict[str, int]:
+    """Totals per rejection reason over the labels, in REJECT_REASONS order; reasons with no patch left out."""
+    total = {r: sum(bucket.get(r, 0) for bucket in counts.values()) for r in filters.REJECT_REASONS}
+    return {r: k for r, k in total.items() if k}
+
+
+def example_figures(out: Path, split: str, n: int, result: dict, by_reason: dict[str, int]) -> None:
+    """rejected_<split>.png: a row per reason with its count; kept_<split>.png: a row per label."""
+    rows = [(f"{reason}: {k} of {n} patches ({k / n:.1%})", np.array(result["rejected_examples"][reason]))
+            for reason, k in by_reason.items()]
+    plots.example_rows(out / f"rejected_{split}.png",
+                       f"01 · PCam {split}: rejected patches, first {EXAMPLES_PER_ROW} per reason",
+                       rows or [(f"no patch rejected (of {n})", np.zeros((0, 96, 96, 3), np.uint8))])
+    rows = [(f"label {label}: kept {result['counts'][f'label_{label}'].get('kept', 0)} patches", np.array(images))
+            for label, images in sorted(result["kept_examples"].items())]
+    plots.example_rows(out / f"kept_{split}.png", f"01 · PCam {split}: kept patches, first {EXAMPLES_PER_ROW} "
+                       "per label", rows or [("no patch kept", np.zeros((0, 96, 96, 3), np.uint8))])
+
+
+# ---------------------------------------------------------------- grid search
+
+# One-threshold-at-a-time sweeps: (config key, end of the range or None, MEASURES column, steps). An
+# additive step for measures on 0..1, a factor for the Laplacian variance (it spans decades).
+SWEEPS = (("saturation_range", 0, 1, (-0.04, -0.02, 0.02, 0.04)),
+          ("saturation_range", 1, 1, (-0.04, -0.02, 0.02, 0.04)),
+          ("value_range", 0, 2, (-0.1, -0.05, 0.05, 0.1)),
+          ("value_range", 1, 2, (-0.1, -0.05, 0.05, 0.1)),
+          ("hue_range", 0, 0, (-0.04, -0.02, 0.02, 0.04)),
+          ("hue_range", 1, 0, (-0.02, -0.01, 0.01, 0.02)),
+          ("max_brown_fraction", None, 3, (-0.2, -0.1, 0.1, 0.2)),
+          ("min_laplacian_var", None, 4, (0.25, 0.5, 2.0, 4.0)))
+SWEEP_PER_ROW = 6  # patches on each side of a threshold in the grid_<knob>.png sheets
+
+
+def knob_name(key: str, end: int | None) -> str:
+    if end is None:
+        return key
+    return key.replace("_range", "") + ("_lo" if end == 0 else "_hi")
+
+
+def margin(measures: np.ndarray, key: str, end: int | None, column: int, value: float) -> np.ndarray:
+    """Signed distance of each patch from one threshold, positive on the kept side (hue: circular)."""
+    m = measures[:, column].astype(np.float64)
+    if key == "hue_range":
+        d = m - value if end == 0 else value - m
+        return np.mod(d + 0.5, 1.0) - 0.5
+    return m - value if (end == 0 or key.startswith("min_")) else value - m
+
+
+def with_value(thresholds: dict, key: str, end: int | None, value) -> dict:
+    out = dict(thresholds)
+    if end is None:
+        out[key] = value
+    elif key == "hue_range" and value is None:
+        out[key] = None  # a circular range needs both ends
+    else:
+        bounds = list(thresholds[key])
+        bounds[end] = value
+        out[key] = tuple(bounds)
+    return out
+
+
+def read_junk(path: Path, split: str, n: int) -> np.ndarray:
+    """bool (n,): True for the patches of `split` listed in a known-junk CSV with columns split,index."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as exc:
+        raise UserError(f"cannot read filter_pcam.junk_csv {path}: {exc.strerror or exc}") from exc
+    if rows and not {"split", "index"} <= set(rows[0]):
+        raise UserError(f"{path}: need columns split,index (and optionally kind), got {', '.join(rows[0])}")
+    index = []
+    for line, row in enumerate(rows, start=2):
+        if row["split"] != split:
+            continue
+        if not (row["index"] or "").strip().isdigit() or int(row["index"]) >= n:
+            raise UserError(f"{path} line {line}: index {row['index']!r} is not a patch index of the {split} "
+                            f"split (0..{n - 1})")
+        index.append(int(row["index"]))
+    mask = np.zeros(n, bool)
+    mask[index] = True
+    return mask
 
 
 def grid_search(cfg: dict, fx, fy, split: str, out: Path, thresholds: dict) -> dict:
-    """Score threshold candidates on a seeded sample; contact sheets of kept vs rejected (defaults)."""
+    """Sweep each configured threshold alone on a seeded sample: kept fraction per label, precision/recall
+    of rejecting known junk (filter_pcam.junk_csv), and a sheet of the patches either side of each value."""
     fc = cfg["filter_pcam"]
     n = len(fy["y"])
     rng = np.random.default_rng(cfg["run"]["seed"])
     index = np.sort(rng.choice(n, min(fc["grid_search_samples"], n), replace=False))
     x, y = fx["x"][index], fy["y"][index].reshape(-1)
-    junk_file = Path(cfg["data"]["pcam_dir"]) / "demo_junk.json"
-    is_junk = None
-    if junk_file.is_file():  # known junk indices (the demo) make precision/recall of rejection possible
-        junk = json.loads(junk_file.read_text()).get(split, {})
-        is_junk = np.isin(index, np.concatenate([np.asarray(v, np.int64) for v in junk.values()] or [[]]))
-    results = filters.grid_search(x, is_junk, y, candidates(thresholds))
-    for r in results:  # F1 of rejecting junk, where junk is known
-        p, q = r.get("precision", float("nan")), r.get("recall", float("nan"))
-        r["f1"] = 2 * p * q / (p + q) if p + q > 0 else float("nan")
-    # Without known junk every F1 is NaN: any "best" would just be the loosest candidate, so there is none.
-    scored = [r for r in results if np.isfinite(r["f1"])]
+    is_junk = None if fc["junk_csv"] is None else read_junk(Path(fc["junk_csv"]), split, n)[index]
+    measures = filters.patch_measures(x, thresholds["blur_sigma_px"])
+    candidates, sheets = [dict(thresholds), dict(filters.THESIS_PRESET)], []
+    tags = [{"knob": "configured", "value": None}, {"knob": "thesis_preset", "value": None}]
+    for key, end, column, steps in SWEEPS:
+        current = thresholds[key] if end is None or thresholds[key] is None else thresholds[key][end]
+        if current is None:
+            continue  # this limit is off: nothing to sweep around
+        values = sorted({round(current * s if key.startswith("min_") else float(np.clip(current + s, 0, 1)), 6)
+                         for s in steps} | {current})
+        eligible, _ = filters.keep_from_means(measures, **with_value(thresholds, key, end, None))
+        rows = []
+        for value in values:
+            candidate = with_value(thresholds, key, end, value)
+            candidates.append(candidate)
+            tags.append({"knob": knob_name(key, end), "value": value})
+            inside, outside = filters.borderline(margin(measures, key, end, column, value), eligible, SWEEP_PER_ROW)
+            kept = filters.keep_from_means(measures, **candidate)[0].mean()
+            mark = " (configured)" if value == current else ""
+            rows.append((f"{knob_name(key, end)} = {value:g}{mark}: {kept:.1%} of the sample kept",
+                         x[outside], x[inside]))
+        sheets.append(plots.threshold_sheet(
+            out / f"grid_{knob_name(key, end)}.png",
+            f"01 · grid search on {len(index)} PCam {split} patches: {knob_name(key, end)} "
+            "(others as configured)", rows))
+    results = [{**tag, **row} for tag, row in
+               zip(tags, filters.grid_search(measures, candidates, labels=y, is_junk=is_junk), strict=True)]
+    # Without known junk there is no F1: any "best" would just be the loosest candidate, so there is none.
+    scored = [r for r in results if np.isfinite(r.get("f1", float("nan")))]
     best = max(scored, key=lambda r: r["f1"]) if scored else None
-    keep, _ = filters.filter_patches(x, **thresholds)
-    plots.contact_sheet(out / "grid_kept.png", x[keep][:128])
-    plots.contact_sheet(out / "grid_rejected.png", x[~keep][:128])
-    write_json(out / "grid_search.json", {"split": split, "n_samples": len(index), "best": best, "results": results})
-    print(f"   grid search on {len(index)} {split} patches: {len(results)} candidates")
+    write_json(out / "grid_search.json", {"split": split, "n_samples": len(index), "junk_csv": fc["junk_csv"],
+                                          "n_known_junk": None if is_junk is None else int(is_junk.sum()),
+                                          "best": best, "results": results})
+    print(f"   grid search on {len(index)} {split} patches: {len(results)} candidates, "
+          f"{len(sheets)} sheets (grid_<threshold>.png)")
     if best is not None:
-        print(f"   best (max F1 of rejecting junk): {best}")
+        which = best["knob"] if best["value"] is None else f"{best['knob']} = {best['value']:g}"
+        print(f"   best (max F1 of rejecting known junk): {which}, F1 {best['f1']:.3f}, "
+              f"kept {best['kept_fraction']:.1%}")
     else:
-        why = f"{junk_file} not found" if is_junk is None else f"no known junk among the sampled {split} patches"
-        print(f"   no best candidate: F1 needs known junk ({why}); judge grid_kept.png, grid_rejected.png "
-              "and the kept fractions in grid_search.json")
+        why = "no filter_pcam.junk_csv given" if is_junk is None else f"no known junk among the sampled {split} patches"
+        print(f"   no best candidate: F1 needs known junk ({why}); choose by eye from the grid_<threshold>.png "
+              "sheets and the kept fractions per label in grid_search.json")
     return {"n_candidates": len(results), "best": best}
 
 
@@ -202,9 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     fc = cfg["filter_pcam"]
     pcam_dir = Path(cfg["data"]["pcam_dir"])
     out = begin_step(cfg, STEP)
-    thresholds = {k: (tuple(fc[k]) if fc[k] is not None else None)
-                  for k in ("hue_range", "saturation_range", "value_range")}
-    thresholds["blur_sigma_px"] = fc["blur_sigma_px"]
+    thresholds = filters.thresholds_from_config(fc)
     cache_dir = pcam.default_cache_dir(cfg)
     print(f"   input {pcam_dir} (a .gz is decompressed once into {cache_dir})\n   thresholds {thresholds}")
     meta = {split: pcam.meta_csv(pcam_dir, split) for split in SPLITS}
@@ -223,20 +335,25 @@ def main(argv: list[str] | None = None) -> int:
                              "free space there or move run.output_root to a disk with room")
             with PatchSetWriter(out / f"{split}.h5", source="pcam", split=split, mpp=PCAM_MPP,
                                 provenance=provenance(cfg, STEP)) as writer:
-                counts, rejected = filter_split(fx, fy, group, coords, writer, thresholds, n,
-                                                fc["chunk_size"], f"filter {split}")
+                result = filter_split(fx, fy, group, coords, writer, thresholds, n, fc["chunk_size"],
+                                      f"filter {split}")
                 kept = writer.n
-            plots.contact_sheet(out / f"rejected_{split}.png", rejected)
+            by_reason = rejected_by_reason(result["counts"])
+            example_figures(out, split, n, result, by_reason)
             if split == "test":
                 with PatchSetWriter(out / "test_official.h5", source="pcam", split="test", mpp=PCAM_MPP,
                                     provenance=provenance(cfg, STEP)) as writer:
                     copy_unfiltered(fx, fy, group, coords, writer, n, fc["chunk_size"])
             if fc["grid_search"] and split == "train":
                 grid = grid_search(cfg, fx, fy, split, out, thresholds)
-        per_split[split] = {"n_in": n, "kept": kept, "rejected": n - kept, "by_label": counts, "files": files,
+        brightness = filters.brightness_summary(result["kept_value"])
+        per_split[split] = {"n_in": n, "kept": kept, "rejected": n - kept, "rejected_by_reason": by_reason,
+                            "by_label": result["counts"], "kept_mean_value": brightness, "files": files,
                             "meta_csv": meta[split], "groups": "slide" if meta[split] else "unknown"}
         total_kept += kept
-        print(f"   {split}: kept {kept} / {n}  {json.dumps(counts)}")
+        reasons = ", ".join(f"{r} {k}" for r, k in by_reason.items()) or "none"
+        print(f"   {split}: kept {kept} / {n}; rejected by reason: {reasons}; kept mean V p5/p50/p95 "
+              f"{brightness['p5']}/{brightness['p50']}/{brightness['p95']}")
 
     # A split without patches would break every later step that reads it: the whole run fails.
     empty = [split for split, counts in per_split.items() if counts["kept"] == 0]

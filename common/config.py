@@ -153,12 +153,15 @@ SCHEMA: dict[str, Any] = {
         "hue_range": _f("range", nullable=True, **UNIT),
         "saturation_range": _f("range", nullable=True, **UNIT),
         "value_range": _f("range", nullable=True, **UNIT),
+        "max_brown_fraction": _f("float", nullable=True, **UNIT),
+        "min_laplacian_var": _f("float", minimum=0.0, nullable=True),
         "blur_sigma_px": _f("float", minimum=0.0),
         "chunk_size": _f("int", minimum=1),
         "max_patches_per_split": _f("int", minimum=1, nullable=True),
         "verify_md5": _f("bool"),
         "grid_search": _f("bool"),
         "grid_search_samples": _f("int", minimum=10),
+        "junk_csv": _f("path", nullable=True),
     },
     "tile_dlbcl": {
         "stain": _f("str"),
@@ -171,6 +174,8 @@ SCHEMA: dict[str, Any] = {
         "balance": _f("bool"),
         "saturation_range": _f("range", nullable=True, **UNIT),
         "value_range": _f("range", nullable=True, **UNIT),
+        "max_brown_fraction": _f("float", nullable=True, **UNIT),
+        "min_laplacian_var": _f("float", minimum=0.0, nullable=True),
         "workers": _f("int", minimum=1),
     },
     "normalize": {
@@ -502,6 +507,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _check_one_brightness_rule(cfg: dict) -> None:
+    """PCam and DLBCL patches must pass the same mean-V limits, or brightness becomes a source cue."""
+    pcam, dlbcl = cfg["filter_pcam"]["value_range"], cfg["tile_dlbcl"]["value_range"]
+    if pcam != dlbcl:
+        raise UserError(f"config keys filter_pcam.value_range = {pcam} and tile_dlbcl.value_range = {dlbcl} "
+                        "differ: both sources need one brightness rule (else brightness tells the sources "
+                        "apart); set both to the same value")
+
+
 def load_config(path: str | Path = "config.yaml", overrides: list[str] | tuple = ()) -> dict:
     """Load, merge, override and validate a config.
 
@@ -521,6 +535,7 @@ def load_config(path: str | Path = "config.yaml", overrides: list[str] | tuple =
     _resolve_paths(set_tree, SCHEMA, Path.cwd())
     cfg = Config(validate(_merge(tree, set_tree)), _config_path=str(path.resolve()))
     _check_tasks(cfg)
+    _check_one_brightness_rule(cfg)
     return cfg
 
 

@@ -5,8 +5,9 @@ a small dataset that the very same code reads as if it were real:
 
 - PCam (`write_demo_pcam`): `camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5` (or whole-file
   gzipped `.h5.gz`) with `x` uint8 (N, 96, 96, 3) RGB and `y` uint8 (N, 1, 1, 1), the official
-  `..._meta.csv` files (`,coord_y,coord_x,tumor_patch,center_tumor_patch,wsi`), and `demo_junk.json`
-  listing the indices of deliberately bad patches (blank glass, brown IHC, blurred) per split.
+  `..._meta.csv` files (`,coord_y,coord_x,tumor_patch,center_tumor_patch,wsi`), and `demo_junk.csv`
+  (`split,index,kind`) listing the deliberately bad patches (blank glass, brown IHC, blurred): the
+  known-junk CSV that 01's grid search scores against (`filter_pcam.junk_csv`), as a user's own would be.
 - DLBCL-Morph (`write_demo_dlbcl`): `TMA/annotations.csv` (`patient_id,tma_id,stain,xs,ys,xe,ye`, ROI
   boxes in level-0 pixels) and `TMA/HE/<tma_id>.svs`: pyramidal tiled TIFFs (downsamples 1, 4, 16,
   zlib tiles, resolution tags) that OpenSlide opens as `generic-tiff` with `openslide.mpp-x` set.
@@ -44,7 +45,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import json
 import multiprocessing
 import os
 import shutil
@@ -531,7 +531,7 @@ def write_demo_pcam(pcam_dir: Path, n_per_split: dict[str, int], seed: int, junk
     negatives have carcinoma only outside it (`tumor_patch` True, `center_tumor_patch` False). Patches
     come from several fake slides (`wsi`) per split, no slide in two splits, each slide with its own
     stain jitter. `junk_fraction` of every split, spread over both labels, is junk: blank glass, brown
-    IHC-like tissue or blurred tissue; their indices go to `demo_junk.json`.
+    IHC-like tissue or blurred tissue; their indices go to `demo_junk.csv` (`split,index,kind`).
 
     Args:
         pcam_dir: output folder (created).
@@ -542,7 +542,7 @@ def write_demo_pcam(pcam_dir: Path, n_per_split: dict[str, int], seed: int, junk
         gzip_files: write `.h5.gz` (whole file gzipped, as distributed) instead of `.h5`.
 
     Returns:
-        dict: `files` (paths written), `junk_json` (path), `counts` {split: {n, positive, junk}}.
+        dict: `files` (paths written), `junk_csv` (path), `counts` {split: {n, positive, junk}}.
 
     Raises:
         DemoError: bad sizes or junk fraction.
@@ -551,7 +551,7 @@ def write_demo_pcam(pcam_dir: Path, n_per_split: dict[str, int], seed: int, junk
     pcam_dir = Path(pcam_dir)
     pcam_dir.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
-    junk_index: dict[str, dict[str, list[int]]] = {}
+    junk_rows_csv: list[tuple[str, int, str]] = []
     counts: dict[str, dict[str, int]] = {}
     next_slide = {"normal": 1, "tumor": 1, "test": 1}
     for split_no, split in enumerate(SPLITS):
@@ -585,8 +585,7 @@ def write_demo_pcam(pcam_dir: Path, n_per_split: dict[str, int], seed: int, junk
         junk = np.zeros(n, np.int64)
         junk_rows = rng.permutation(n)[:n_junk]
         junk[junk_rows] = np.arange(n_junk) % 3 + 1
-        junk_index[split] = {name: sorted(int(i) for i in np.flatnonzero(junk == code))
-                             for code, name in enumerate(JUNK_KINDS, start=1)}
+        junk_rows_csv += [(split, int(i), JUNK_KINDS[junk[i] - 1]) for i in np.flatnonzero(junk)]
 
         x = np.empty((n, PATCH_PX, PATCH_PX, 3), np.uint8)
         tumour_any = np.zeros(n, bool)
@@ -617,9 +616,10 @@ def write_demo_pcam(pcam_dir: Path, n_per_split: dict[str, int], seed: int, junk
                                  (names[s] for s in slide), strict=True))
         files.append(meta_path)
         counts[split] = {"n": n, "positive": int(labels.sum()), "junk": n_junk}
-    junk_json = pcam_dir / "demo_junk.json"
-    junk_json.write_text(json.dumps(junk_index, indent=1))
-    return {"files": files, "junk_json": junk_json, "counts": counts}
+    junk_csv = pcam_dir / "demo_junk.csv"
+    with open(junk_csv, "w", newline="") as f:
+        csv.writer(f).writerows([("split", "index", "kind"), *junk_rows_csv])
+    return {"files": files, "junk_csv": junk_csv, "counts": counts}
 
 
 # ---------------------------------------------------------------------------------------------------

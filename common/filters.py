@@ -1,13 +1,22 @@
-"""Patch quality filters on mean hue, saturation and value (thesis §5.1.2).
+"""Patch quality filters: mean hue, saturation and value (thesis §5.1.2), brown pixels, focus.
 
 The thesis keeps a PatchCamelyon patch when, after a Gaussian blur, its mean HSV hue, saturation and
 brightness fall in fixed ranges; the aim is to drop blank glass and the few IHC (brown DAB) patches so
-that only H&E tissue remains. DLBCL-Morph tiles get the same test with looser limits.
+that only H&E tissue remains. DLBCL-Morph tiles get the same test with looser limits. Means cannot see
+two kinds of junk, so two per-pixel tests follow (both sources, ``patch_measures``):
+- ``ihc_like``: IHC with a hematoxylin counterstain averages brown and blue to an H&E-like mean hue
+  (~0.95), but its pixels hold DAB: the fraction of tissue pixels whose blue optical density exceeds
+  0.8x their green one (``brown_fraction``; rules at ``TISSUE_OD``) is ~1 there and <= 0.34 on real
+  H&E, so ``max_brown_fraction`` 0.45 separates them.
+- ``out_of_focus``: blur leaves the means alone but removes fine detail: the variance of the grey
+  image's Laplacian (``laplacian_variance``) is >= 0.0020 on every real tissue patch in tests/data and
+  <= 0.0009 once blurred with sigma 2 px, so ``min_laplacian_var`` is 0.0014.
 
 Inputs: uint8 RGB patches ``(N, H, W, 3)`` -- a numpy array or anything sliceable with ``.shape``
 (e.g. an ``h5py`` dataset), read in chunks so memory stays bounded.
-Outputs: per-patch means ``float32 (N, 3)`` (hue, saturation, value on 0..1), keep flags and the first
-failing reason per patch, and grid-search tables for choosing thresholds.
+Outputs: per-patch measures ``float32 (N, 5)`` (``MEASURES``: hue, saturation, value on 0..1, brown
+fraction, Laplacian variance), keep flags and the first failing reason per patch, grid-search tables
+and borderline patches for choosing thresholds, and a brightness summary of what was kept.
 
 Scales. Saturation and value are HSV as OpenCV and ``colorsys`` define them, on 0..1. Hue is on 0..1
 (0 red, 1/3 green, 2/3 blue) and circular; a patch's hue is the hue of its mean chroma vector, i.e. the
@@ -33,9 +42,11 @@ palest tissue (the range stops at 0.975, short of red: IHC with a blue hematoxyl
 to 0.98..0.035 -- brown plus blue -- as the demo's IHC patches show, and real tissue stays <= 0.96;
 blood-filled patches, hue ~0.98, are the price), no brightness ceiling (pale tissue reaches V = 0.96,
 as bright as glass) and a brightness floor of 0.25 that only drops near-black patches (ink, scanner
-fill; real tissue >= 0.50). Measured on 209 tissue, 57 glass and 209 DAB-restained patches: keeps
-100 % of tissue, rejects 100 % of glass and 100 % of the brown patches.
-``DLBCL_QUALITY`` is the thesis's DLBCL-Morph rule: mean S > 0.07 and V < 0.8.
+fill; real tissue >= 0.50). The same value range is the rule for DLBCL-Morph too (config.yaml checks it):
+a ceiling on one source only makes brightness a cue for the source. Measured on 209 tissue, 57 glass,
+209 DAB-restained (pure and counterstained) and 209 blurred (sigma 2 px) patches: keeps 100 % of
+tissue, rejects 100 % of glass, of the brown, of the counterstained and of the blurred patches.
+``DLBCL_QUALITY`` is the thesis's DLBCL-Morph rule: mean S > 0.07 and V < 0.8 (kept for reproduction).
 """
 
 from __future__ import annotations
@@ -48,7 +59,29 @@ import numpy as np
 
 from common.errors import UserError
 
-REJECT_REASONS = ("low_saturation", "high_saturation", "low_value", "high_value", "off_hue")
+REJECT_REASONS = ("low_saturation", "high_saturation", "low_value", "high_value", "ihc_like", "off_hue",
+                  "out_of_focus")
+# Columns of ``patch_measures``: the HSV means, then the two per-pixel tests.
+MEASURES = ("hue", "saturation", "value", "brown_fraction", "laplacian_var")
+# Threshold keys of ``filter_patches``, as they appear in a config section.
+THRESHOLD_KEYS = ("hue_range", "saturation_range", "value_range", "max_brown_fraction", "min_laplacian_var",
+                  "blur_sigma_px")
+
+# Pixel rules of the colour test. Optical density OD = -ln((I + 1) / 256) per channel. A pixel is tissue
+# when its OD summed over R, G and B exceeds TISSUE_OD (about mean RGB 230: glass and faint haze are
+# left out of the fraction), and brown when its blue OD exceeds BROWN_BLUE_PER_GREEN_OD times its green
+# OD: DAB absorbs blue most (Ruifrok's DAB vector has blue/green 1.37), hematoxylin and eosin absorb green
+# most (Ruifrok H 0.41, E 0.11). On the real tissue in tests/data, 99 % of tissue pixels stay below 0.84;
+# pixels holding DAB and up to an equal amount of hematoxylin lie above 0.84 (measured in the tests).
+TISSUE_OD = 0.3
+BROWN_BLUE_PER_GREEN_OD = 0.8
+_TISSUE_PRODUCT = 256.0**3 * np.exp(-TISSUE_OD)
+_LEVEL = (np.arange(256) + 1.0) / 256.0
+_BROWN_GB = _LEVEL[None, :] < _LEVEL[:, None] ** BROWN_BLUE_PER_GREEN_OD  # [green, blue]: OD_B > k OD_G
+# ITU-R BT.601 luma weights (OpenCV's RGB -> grey), for the focus test.
+_GREY_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32) / 255.0
+# Patches per numpy block of the per-pixel tests: float32 OD of 256 patches of 96 px is 28 MB.
+_PIXEL_BLOCK = 256
 
 # Thesis hue read as OpenCV 8-bit hue / 255 (see the module docstring): h_ours = h_thesis * 510 / 360.
 _THESIS_HUE_TO_TURNS = 510.0 / 360.0
@@ -64,6 +97,8 @@ DEFAULT_THRESHOLDS = {
     "hue_range": (0.60, 0.975),
     "saturation_range": (0.06, None),
     "value_range": (0.25, None),
+    "max_brown_fraction": 0.45,
+    "min_laplacian_var": 0.0014,
     "blur_sigma_px": 1.0,
 }
 
@@ -197,6 +232,100 @@ def hsv_means(x, blur_sigma_px: float = 1.0, chunk_size: int = 4096) -> np.ndarr
     return np.stack([hue, sat / (height * width), val / (height * width)], axis=1).astype(np.float32)
 
 
+def _brown_fraction_block(x: np.ndarray) -> np.ndarray:
+    # OD_R + OD_G + OD_B > TISSUE_OD  <=>  (R + 1)(G + 1)(B + 1) < 256^3 exp(-TISSUE_OD), in integers;
+    # the brown rule depends on (G, B) alone: a 256 x 256 table.
+    plus_one = x.astype(np.uint32) + 1
+    tissue = plus_one[..., 0] * plus_one[..., 1] * plus_one[..., 2] < _TISSUE_PRODUCT
+    brown = tissue & _BROWN_GB[x[..., 1], x[..., 2]]
+    return brown.sum(axis=(1, 2)) / np.maximum(tissue.sum(axis=(1, 2)), 1)
+
+
+def _laplacian_var_block(x: np.ndarray) -> np.ndarray:
+    n, height, width = x.shape[:3]
+    grey = cv2.transform(x.reshape(n * height, width, 3).astype(np.float32), _GREY_WEIGHTS[None])
+    # Patches stacked vertically: rows at a patch's top and bottom edge mix two patches; they are dropped.
+    lap = cv2.Laplacian(grey, cv2.CV_32F, ksize=1).reshape(n, height, width)[:, 1:-1, 1:-1]
+    return lap.reshape(n, -1).var(axis=1)
+
+
+def _per_pixel(x: np.ndarray, block_fn) -> np.ndarray:
+    """``block_fn`` over blocks of ``_PIXEL_BLOCK`` patches on OpenCV's thread count; float32 (N,)."""
+    out = np.empty(len(x), np.float32)
+    starts = range(0, len(x), _PIXEL_BLOCK)
+
+    def run(start: int) -> None:
+        out[start:start + _PIXEL_BLOCK] = block_fn(x[start:start + _PIXEL_BLOCK])
+
+    with ThreadPoolExecutor(max(1, min(cv2.getNumThreads(), len(starts)))) as pool:
+        list(pool.map(run, starts))
+    return out
+
+
+def brown_fraction(x: np.ndarray) -> np.ndarray:
+    """Fraction of a patch's tissue pixels that are brown (DAB-like), per patch.
+
+    Args:
+        x: uint8 (N, H, W, 3) RGB, in memory.
+
+    Returns:
+        float32 (N,) in 0..1: brown pixels / tissue pixels (rules: ``TISSUE_OD``,
+        ``BROWN_BLUE_PER_GREEN_OD``); 0 for a patch without tissue pixels. Unblurred pixels.
+    """
+    _check_patches(x)
+    return _per_pixel(x, _brown_fraction_block)
+
+
+def laplacian_variance(x: np.ndarray) -> np.ndarray:
+    """Sharpness per patch: the variance of the 4-neighbour Laplacian of the grey image.
+
+    Grey is BT.601 luma on 0..1; the Laplacian (the 3x3 kernel [[0, 1, 0], [1, -4, 1], [0, 1, 0]],
+    OpenCV's ``Laplacian(ksize=1)``) is taken at the (H - 2) x (W - 2) interior pixels, so no border
+    rule is involved. A Gaussian blur of sigma s scales the energy of detail at spatial frequency f
+    (cycles/px) by exp(-(2 pi f s)^2): blur lowers this measure by orders of magnitude, the contrast of
+    pale versus dense tissue by far less.
+
+    Args:
+        x: uint8 (N, H, W, 3) RGB, in memory, H and W >= 3.
+
+    Returns:
+        float32 (N,), in (grey / px^2)^2 with grey on 0..1.
+    """
+    _check_patches(x)
+    if x.shape[1] < 3 or x.shape[2] < 3:
+        raise FilterError(f"the focus test needs patches of at least 3 x 3 px, got {x.shape[1:3]}")
+    return _per_pixel(x, _laplacian_var_block)
+
+
+def patch_measures(x, blur_sigma_px: float = 1.0, chunk_size: int = 4096, per_pixel: bool = True) -> np.ndarray:
+    """Everything the filter tests look at, per patch, reading ``x`` once.
+
+    Args:
+        x: uint8 (N, H, W, 3) RGB; a numpy array or any sliceable with ``.shape`` (h5py dataset).
+        blur_sigma_px: Gaussian sigma in pixels for the HSV means (see ``hsv_means``); the per-pixel
+            tests use the unblurred pixels.
+        chunk_size: patches read from ``x`` at a time.
+        per_pixel: also compute the brown fraction and the Laplacian variance.
+
+    Returns:
+        float32 (N, 5) with the columns ``MEASURES`` (hue, saturation, value, brown_fraction,
+        laplacian_var), or (N, 3) HSV means when ``per_pixel`` is False.
+    """
+    _check_patches(x)
+    if chunk_size < 1:
+        raise FilterError(f"chunk_size must be >= 1, got {chunk_size}")
+    n = x.shape[0]
+    out = np.empty((n, len(MEASURES) if per_pixel else 3), np.float32)
+    for start in range(0, n, chunk_size):
+        chunk = np.asarray(x[start:start + chunk_size])
+        part = out[start:start + len(chunk)]
+        part[:, :3] = hsv_means(chunk, blur_sigma_px, chunk_size)
+        if per_pixel:
+            part[:, 3] = brown_fraction(chunk)
+            part[:, 4] = laplacian_variance(chunk)
+    return out
+
+
 def _check_range(name: str, bounds, lo_min: float = 0.0, hi_max: float = 1.0) -> tuple:
     if bounds is None:
         return (None, None)
@@ -209,15 +338,30 @@ def _check_range(name: str, bounds, lo_min: float = 0.0, hi_max: float = 1.0) ->
     return (None if lo is None else float(lo), None if hi is None else float(hi))
 
 
+def _check_limit(name: str, value, hi_max: float | None) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or value < 0 or (hi_max is not None and value > hi_max):
+        raise FilterError(f"{name} = {value!r}: need a number in [0, {hi_max if hi_max is not None else 'inf'}] "
+                          "or None")
+    return float(value)
+
+
 def keep_from_means(means: np.ndarray, *, hue_range=None, saturation_range=None, value_range=None,
+                    max_brown_fraction=None, min_laplacian_var=None,
                     blur_sigma_px: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Apply thresholds to precomputed means (see ``hsv_means``); bounds are inclusive.
+    """Apply thresholds to precomputed measures (see ``patch_measures``); bounds are inclusive.
 
     Args:
-        means: float (N, 3) hue, saturation, value on 0..1.
+        means: float (N, 5) with the columns ``MEASURES``, or (N, 3) HSV means (hue, saturation,
+            value on 0..1) when max_brown_fraction and min_laplacian_var are None.
         hue_range: (lo, hi) on 0..1, circular (lo > hi wraps through 0), or None for no limit.
         saturation_range: (lo, hi) on 0..1, either end None for no limit; None for no limit.
         value_range: (lo, hi) on 0..1, as saturation_range.
+        max_brown_fraction: ``ihc_like`` when more than this fraction (0..1) of the tissue pixels is
+            brown; None for no limit.
+        min_laplacian_var: ``out_of_focus`` when the Laplacian variance ((grey / px^2)^2, grey on
+            0..1) is below this; None for no limit.
         blur_sigma_px: ignored here (the means are already computed); accepted so that a thresholds
             dict such as ``DEFAULT_THRESHOLDS`` can be passed whole.
 
@@ -234,7 +378,12 @@ def keep_from_means(means: np.ndarray, *, hue_range=None, saturation_range=None,
     hue_lo, hue_hi = _check_range("hue_range", hue_range)
     if (hue_lo is None) != (hue_hi is None):
         raise FilterError(f"hue_range {hue_range!r}: give both ends or None (the range is circular)")
+    brown_max = _check_limit("max_brown_fraction", max_brown_fraction, 1.0)
+    lap_min = _check_limit("min_laplacian_var", min_laplacian_var, None)
     means = np.asarray(means, dtype=np.float64)
+    if (brown_max is not None or lap_min is not None) and means.shape[1] < len(MEASURES):
+        raise FilterError("max_brown_fraction and min_laplacian_var need the per-pixel measures "
+                          "(patch_measures(..., per_pixel=True))")
     hue, sat, val = means[:, 0], means[:, 1], means[:, 2]
     no_limit = np.zeros(len(means), bool)
     if hue_lo is None:
@@ -248,16 +397,19 @@ def keep_from_means(means: np.ndarray, *, hue_range=None, saturation_range=None,
         sat > sat_hi if sat_hi is not None else no_limit,
         val < val_lo if val_lo is not None else no_limit,
         val > val_hi if val_hi is not None else no_limit,
+        means[:, 3] > brown_max if brown_max is not None else no_limit,
         off_hue,
+        means[:, 4] < lap_min if lap_min is not None else no_limit,
     ], axis=1)
     keep = ~failures.any(axis=1)
     reason = np.where(keep, "", np.asarray(REJECT_REASONS)[failures.argmax(axis=1)])
     return keep, reason
 
 
-def filter_patches(x, *, hue_range=None, saturation_range=None, value_range=None,
-                   blur_sigma_px: float = 1.0, chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Keep flags and rejection reasons for patches (thesis §5.1.2 filter).
+def filter_patches(x, *, hue_range=None, saturation_range=None, value_range=None, max_brown_fraction=None,
+                   min_laplacian_var=None, blur_sigma_px: float = 1.0,
+                   chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Keep flags and rejection reasons for patches (thesis §5.1.2 filter plus the per-pixel tests).
 
     Args:
         x: uint8 (N, H, W, 3) RGB; numpy array or h5py dataset, read ``chunk_size`` patches at a time.
@@ -265,7 +417,9 @@ def filter_patches(x, *, hue_range=None, saturation_range=None, value_range=None
             purple..pink..red. None for no limit.
         saturation_range: (lo, hi) mean saturation on 0..1; None (or a None end) for no limit.
         value_range: (lo, hi) mean value on 0..1; None (or a None end) for no limit.
-        blur_sigma_px: Gaussian sigma in pixels applied before the means.
+        max_brown_fraction: largest fraction of brown tissue pixels (``ihc_like`` above); None: off.
+        min_laplacian_var: least Laplacian variance (``out_of_focus`` below); None: off.
+        blur_sigma_px: Gaussian sigma in pixels applied before the HSV means.
         chunk_size: patches in memory at a time.
 
     Returns:
@@ -275,40 +429,89 @@ def filter_patches(x, *, hue_range=None, saturation_range=None, value_range=None
     Raises:
         FilterError: malformed thresholds or input shape.
     """
-    thresholds = {"hue_range": hue_range, "saturation_range": saturation_range, "value_range": value_range}
-    keep_from_means(np.zeros((0, 3)), **thresholds)
-    return keep_from_means(hsv_means(x, blur_sigma_px, chunk_size), **thresholds)
+    thresholds = {"hue_range": hue_range, "saturation_range": saturation_range, "value_range": value_range,
+                  "max_brown_fraction": max_brown_fraction, "min_laplacian_var": min_laplacian_var}
+    keep_from_means(np.zeros((0, len(MEASURES))), **thresholds)
+    per_pixel = max_brown_fraction is not None or min_laplacian_var is not None
+    return keep_from_means(patch_measures(x, blur_sigma_px, chunk_size, per_pixel), **thresholds)
 
 
-def grid_search(x, is_junk: np.ndarray | None, labels: np.ndarray | None, candidates: list[dict],
-                chunk_size: int = 4096) -> list[dict]:
-    """Score threshold candidates on a labelled sample; the means are computed once per blur sigma.
+def thresholds_from_config(section: dict) -> dict:
+    """The ``filter_patches`` keyword arguments held by a config section (``filter_pcam``, ``tile_dlbcl``).
+
+    Keys of ``THRESHOLD_KEYS`` that the section lacks are None (no limit), except blur_sigma_px (1.0);
+    YAML lists become tuples.
+    """
+    out = {key: section.get(key) for key in THRESHOLD_KEYS}
+    out["blur_sigma_px"] = 1.0 if out["blur_sigma_px"] is None else float(out["blur_sigma_px"])
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in out.items()}
+
+
+def brightness_summary(mean_value: np.ndarray) -> dict:
+    """Distribution of per-patch mean HSV value (brightness, 0..1) for a step's summary.
 
     Args:
-        x: uint8 (N, H, W, 3) RGB (numpy array or h5py dataset).
-        is_junk: bool (N,) True for patches that should be rejected (glass, IHC), or None.
-        labels: (N,) any hashable label per patch (e.g. class or source) for kept fractions, or None.
-        candidates: thresholds dicts with keys hue_range, saturation_range, value_range and optional
-            blur_sigma_px (default 1.0), as accepted by ``filter_patches``.
-        chunk_size: patches in memory at a time.
+        mean_value: float (N,), e.g. ``hsv_means(kept_x)[:, 2]`` or column 2 of ``patch_measures``.
+
+    Returns:
+        {"n", "mean", "p1", "p5", "p25", "p50", "p75", "p95", "p99", "fraction_above_0.8"}: percentiles
+        of the mean V; 0.8 is the thesis's DLBCL ceiling, so the last entry says how much kept tissue
+        that ceiling would drop. Values are None when N is 0.
+    """
+    v = np.asarray(mean_value, np.float64)
+    keys = ("p1", "p5", "p25", "p50", "p75", "p95", "p99")
+    if len(v) == 0:
+        return {"n": 0, "mean": None, **dict.fromkeys(keys), "fraction_above_0.8": None}
+    pct = np.percentile(v, [1, 5, 25, 50, 75, 95, 99])
+    return {"n": len(v), "mean": round(float(v.mean()), 4), **{k: round(float(p), 4) for k, p in zip(keys, pct,
+                                                                                                   strict=True)},
+            "fraction_above_0.8": round(float((v > 0.8).mean()), 4)}
+
+
+def borderline(margin: np.ndarray, eligible: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Patches just inside and just outside one threshold, for choosing it by eye.
+
+    Args:
+        margin: float (N,), signed distance of each patch's measure from the threshold, positive on the
+            kept side (e.g. saturation - floor, or ceiling - brown fraction).
+        eligible: bool (N,), the patches that pass every other test (so this threshold alone decides).
+        k: patches per side.
+
+    Returns:
+        inside: int (<= k,) indices of eligible kept patches, nearest to the threshold first;
+        outside: int (<= k,) indices of eligible rejected patches, nearest first.
+    """
+    index = np.flatnonzero(eligible)
+    inside, outside = index[margin[index] >= 0], index[margin[index] < 0]
+    return (inside[np.argsort(margin[inside], kind="stable")[:k]],
+            outside[np.argsort(-margin[outside], kind="stable")[:k]])
+
+
+def grid_search(measures: np.ndarray, candidates: list[dict], labels: np.ndarray | None = None,
+                is_junk: np.ndarray | None = None) -> list[dict]:
+    """Score threshold candidates on precomputed measures of a sample (see ``patch_measures``).
+
+    Args:
+        measures: float (N, 5) with the columns ``MEASURES`` (or (N, 3) if no candidate uses the
+            per-pixel tests), computed at the candidates' blur sigma.
+        candidates: thresholds dicts as accepted by ``filter_patches`` (blur_sigma_px is ignored here).
+        labels: (N,) any hashable label per patch (e.g. class) for kept fractions, or None.
+        is_junk: bool (N,) True for patches known to be junk (glass, IHC, blur), or None.
 
     Returns:
         One dict per candidate, in order: ``thresholds`` (the candidate), ``kept_fraction`` (overall),
         ``kept_fraction_by_label`` ({label: fraction}, present when labels is given) and, when is_junk
-        is given, ``precision`` and ``recall`` of rejection (positive class = junk; NaN when undefined).
+        is given, ``precision``, ``recall`` and ``f1`` of rejection (positive class = junk; NaN when
+        undefined).
     """
-    n = x.shape[0]
+    n = len(measures)
     if is_junk is not None and len(is_junk) != n:
         raise FilterError(f"is_junk has {len(is_junk)} entries for {n} patches")
     if labels is not None and len(labels) != n:
         raise FilterError(f"labels has {len(labels)} entries for {n} patches")
-    means_by_sigma: dict[float, np.ndarray] = {}
     results = []
     for candidate in candidates:
-        sigma = float(candidate.get("blur_sigma_px", 1.0))
-        if sigma not in means_by_sigma:
-            means_by_sigma[sigma] = hsv_means(x, sigma, chunk_size)
-        keep, _ = keep_from_means(means_by_sigma[sigma], **candidate)
+        keep, _ = keep_from_means(measures, **candidate)
         row = {"thresholds": candidate, "kept_fraction": float(keep.mean()) if n else float("nan")}
         if labels is not None:
             label_array = np.asarray(labels)
@@ -319,8 +522,10 @@ def grid_search(x, is_junk: np.ndarray | None, labels: np.ndarray | None, candid
         if is_junk is not None:
             junk = np.asarray(is_junk, bool)
             rejected = ~keep
-            true_rejections = int((rejected & junk).sum())
-            row["precision"] = float(true_rejections / rejected.sum()) if rejected.any() else float("nan")
-            row["recall"] = float(true_rejections / junk.sum()) if junk.any() else float("nan")
+            hits = int((rejected & junk).sum())
+            precision = hits / rejected.sum() if rejected.any() else float("nan")
+            recall = hits / junk.sum() if junk.any() else float("nan")
+            row["precision"], row["recall"] = float(precision), float(recall)
+            row["f1"] = float(2 * precision * recall / (precision + recall)) if precision + recall > 0 else float("nan")
         results.append(row)
     return results

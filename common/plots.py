@@ -213,3 +213,60 @@ def cam_grid(path: Path, images: np.ndarray, overlays: np.ndarray, captions: lis
     fig.suptitle(f"{title}: patch | Grad-CAM overlay; dashed square = centre {center_px}x{center_px} px "
                  f"(PCam's label region); patches {width_px}x{height_px} px", fontsize=9)
     return save_figure(fig, path)
+
+
+# ---------------------------------------------------------------- 01: what the quality filter did
+
+
+def _blank_if_empty(images: np.ndarray) -> np.ndarray:
+    images = np.asarray(images)
+    return images if images.ndim == 4 and len(images) else np.full((1, 96, 96, 3), 255, np.uint8)
+
+
+def example_rows(path: Path, title: str, rows: list[tuple[str, np.ndarray]], ncols: int = 8) -> Path:
+    """A titled figure of patch rows, one per group (e.g. per rejection reason, its count in the label).
+
+    Args:
+        path: the PNG to write.
+        title: what the figure shows, above all rows.
+        rows: (label, uint8 (K, H, W, 3) RGB patches) per row; the first ncols patches are shown, an
+            empty row as a white tile.
+        ncols: patches per row.
+    """
+    fig, axes = plt.subplots(len(rows), 1, figsize=(ncols * 1.1, 0.5 + 1.35 * len(rows)), squeeze=False)
+    for ax, (label, images) in zip(axes[:, 0], rows, strict=True):
+        images = _blank_if_empty(images)[:ncols]
+        ax.imshow(mosaic(images, ncols))
+        ax.set_title(label, fontsize=8, loc="left")
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10, x=0.01, ha="left")
+    return save_figure(fig, path)
+
+
+def threshold_sheet(path: Path, title: str, rows: list[tuple[str, np.ndarray, np.ndarray]]) -> Path:
+    """Patches either side of a threshold, one row per candidate value, for choosing it by eye.
+
+    Args:
+        path: the PNG to write.
+        title: the threshold swept and the sample.
+        rows: (label, outside, inside) per candidate value: uint8 (K, H, W, 3) RGB patches just outside
+            (rejected) and just inside (kept), nearest to the threshold first. Each row reads
+            rejected ... | ... kept, the nearest patches meeting at the red line.
+    """
+    k = max([1, *(max(len(o), len(i)) for _, o, i in rows)])
+    shape = next((a.shape[1:] for _, o, i in rows for a in (o, i) if len(a)), (96, 96, 3))
+    fig, axes = plt.subplots(len(rows), 1, figsize=(2 * k * 1.0 + 0.4, 0.5 + 1.25 * len(rows)), squeeze=False)
+    for ax, (label, outside, inside) in zip(axes[:, 0], rows, strict=True):
+        side = np.full((2 * k, *shape), 255, np.uint8)
+        if len(outside):
+            side[k - len(outside):k] = outside[::-1]  # farthest left, nearest at the line
+        if len(inside):
+            side[k:k + len(inside)] = inside
+        image = mosaic(side, 2 * k)
+        ax.imshow(image)
+        ax.axvline(image.shape[1] / 2 - 1, color="red", linewidth=2)
+        ax.set_title(f"{label}   (left: just rejected {len(outside)} | right: just kept {len(inside)})",
+                     fontsize=8, loc="left")
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10, x=0.01, ha="left")
+    return save_figure(fig, path)

@@ -45,7 +45,7 @@ import numpy as np
 import openslide
 
 from common.errors import UserError
-from common.filters import DLBCL_QUALITY, filter_patches
+from common.filters import DLBCL_QUALITY, filter_patches, thresholds_from_config
 
 # A thumbnail pixel is tissue when its saturation exceeds the DLBCL patch floor (thesis: S > 0.07).
 TISSUE_MIN_SATURATION = 0.07
@@ -451,7 +451,7 @@ def tile_options(tile_dlbcl: dict) -> dict:
     return {"target_mpp": t["target_mpp"], "mpp_override": t["mpp_override"],
             "allow_objective_power": t["allow_objective_power"], "scale_tolerance": t["scale_tolerance"],
             "max_read_px": t["max_read_px"],
-            "quality": {"hue_range": None, "saturation_range": t["saturation_range"], "value_range": t["value_range"]}}
+            "quality": thresholds_from_config(t)}  # 02's quality rule: HSV means, IHC and focus tests
 
 
 # ---------------------------------------------------------------- tissue on the thumbnail

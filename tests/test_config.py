@@ -177,3 +177,14 @@ def test_mixed_negatives_from_pcam_only_is_one_override():
     cfg = load_config(ROOT / "config.yaml", ["tasks.mixed.sets.dlbcl.labels=[null,lymphoma]"])
     assert cfg["tasks"]["mixed"]["sets"]["dlbcl"] == {"source": "dlbcl", "labels": [None, "lymphoma"]}
     assert cfg["tasks"]["mixed"]["sets"]["pcam_train"]["labels"] == ["negative", "breast"]
+
+
+def test_one_brightness_rule_for_both_sources():
+    cfg = load_config(ROOT / "config.yaml")
+    assert cfg["filter_pcam"]["value_range"] == cfg["tile_dlbcl"]["value_range"] == [0.25, None]
+    with pytest.raises(UserError, match=re.escape("filter_pcam.value_range = [0.25, None] and "
+                                                  "tile_dlbcl.value_range = [None, 0.8] differ")):
+        load_config(ROOT / "config.yaml", ["tile_dlbcl.value_range=[null, 0.8]"])
+    both = load_config(ROOT / "config.yaml", ["tile_dlbcl.value_range=[0.2, 0.8]",
+                                              "filter_pcam.value_range=[0.2, 0.8]"])
+    assert both["tile_dlbcl"]["value_range"] == [0.2, 0.8]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import json
 from pathlib import Path
 
 import cv2
@@ -122,8 +121,17 @@ def test_pcam_meta_csv(pcam):
         assert not slides_per_split[SPLITS[a]] & slides_per_split[SPLITS[b]]
 
 
-def test_pcam_junk_json_and_junk_looks_like_junk(pcam):
-    junk = json.loads((pcam / "demo_junk.json").read_text())
+def read_junk(pcam: Path) -> dict[str, dict[str, list[int]]]:
+    """demo_junk.csv (split,index,kind) as {split: {kind: [index, ...]}}, every split and kind present."""
+    junk: dict[str, dict[str, list[int]]] = {split: {"blank": [], "ihc": [], "blur": []} for split in SPLITS}
+    with open(pcam / "demo_junk.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            junk[row["split"]][row["kind"]].append(int(row["index"]))
+    return junk
+
+
+def test_pcam_junk_csv_and_junk_looks_like_junk(pcam):
+    junk = read_junk(pcam)
     assert set(junk) == set(SPLITS)
     for split in SPLITS:
         n = PCAM_SIZES[split]
@@ -193,7 +201,7 @@ def test_pcam_bad_arguments_are_clear_errors(tmp_path):
 def test_pcam_colour_is_weak_and_morphology_is_strong(pcam):
     x = read_h5(pcam_file(pcam, "train", "x.h5"), "x")
     y = read_h5(pcam_file(pcam, "train", "y.h5"), "y").ravel()
-    junk = json.loads((pcam / "demo_junk.json").read_text())["train"]
+    junk = read_junk(pcam)["train"]
     keep = np.setdiff1d(np.arange(len(x)), [i for kind in junk.values() for i in kind])
     colour = cv_accuracy(mean_rgb(x[keep]), y[keep])
     texture = cv_accuracy(texture_features(x[keep]), y[keep])
