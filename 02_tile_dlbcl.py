@@ -1,8 +1,9 @@
 """02 · Tile the DLBCL-Morph H&E TMA slides into 96x96 patches at PCam's scale (thesis §5.1.2).
 
 Reads (data.dlbcl_dir), the release as published:
-    TMA/annotations.csv          7 columns in order: patient id, tma_id, stain, xs, ys, xe, ye
-                                 (ROI boxes in level-0 pixels); rows of other stains are ignored
+    TMA/annotations.csv          columns found by name in the header row (any order, case and spaces
+                                 ignored, others ignored): patient_id (or pat_id), tma_id, stain,
+                                 xs, ys, xe, ye (ROI boxes in level-0 px); rows of other stains ignored
     TMA/<stain>/<tma_id>.svs     the slides (OpenSlide), µm/px from openslide.mpp-x
 Writes (runs/<run>/02_tile_dlbcl/):
     dlbcl.h5                     patch set: y = 1 inside an ROI (lymphoma), 0 tissue outside every
@@ -12,7 +13,8 @@ Writes (runs/<run>/02_tile_dlbcl/):
                                  malformed_row, missing_slide, slide_error (unreadable, no mpp),
                                  roi_empty, roi_outside_slide, roi_smaller_than_patch,
                                  roi_all_patches_rejected; `outputs` lists dlbcl.h5 when this run wrote it
-Fails (exit 1, summary.json with `error`) when lymphoma, or negatives with tile_dlbcl.negatives, get no patch.
+Fails (exit 2, summary.json with `error`) when lymphoma, or negatives with tile_dlbcl.negatives, get no patch
+(e.g. every slide skipped: the line names the first slide's reason, such as a missing mpp, with advice).
 
 Usage:
     python 02_tile_dlbcl.py --config config.yaml [--set tile_dlbcl.mpp_override=0.25]
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import math
+import re
 import sys
 import time
 from collections import Counter
@@ -39,47 +43,82 @@ from common.steps import begin_step, provenance, write_summary
 STEP = "02_tile_dlbcl"
 
 
+# annotations.csv columns by name (after lower-casing and turning spaces and hyphens into "_"), with the
+# other names each may go by; any order, other columns (e.g. a pandas index) ignored.
+ANNOTATION_COLUMNS = {"patient_id": ("patient_id", "pat_id"), "tma_id": ("tma_id",), "stain": ("stain",),
+                      "xs": ("xs",), "ys": ("ys",), "xe": ("xe",), "ye": ("ye",)}
+
+
+def _column_name(text: str) -> str:
+    return re.sub(r"[\s-]+", "_", text.strip().lower())
+
+
+def annotation_columns(header: list[str], path: Path) -> dict[str, int]:
+    """Index of each of ``ANNOTATION_COLUMNS`` in the header row.
+
+    Raises:
+        UserError: a column is missing or given twice (one line: expected names, names found)."""
+    names = [_column_name(h) for h in header]
+    found, problems = {}, []
+    for column, aliases in ANNOTATION_COLUMNS.items():
+        where = [i for i, name in enumerate(names) if name in aliases]
+        if len(where) == 1:
+            found[column] = where[0]
+        else:
+            problems.append(f"{'no' if not where else 'more than one'} {column!r} column")
+    if problems:
+        expected = ", ".join(" or ".join(a) for a in ANNOTATION_COLUMNS.values())
+        raise UserError(f"{path}: {'; '.join(problems)}; expected a header row with the columns {expected} "
+                        f"(any order, case and spaces ignored), found: {', '.join(map(repr, header)) or 'nothing'}")
+    return found
+
+
 def read_annotations(path: Path, stain: str) -> tuple[dict[str, list], list[dict], Counter]:
     """ROIs of one stain grouped by tma_id, the rows skipped as malformed, and the stains seen.
 
-    Blank rows (a trailing empty line, or only commas as spreadsheets export them) are ignored.
+    Columns are found by name in the header row (``annotation_columns``). Blank rows (a trailing empty
+    line, or only commas as spreadsheets export them) are ignored.
 
     Returns:
         ({tma_id: [(row_number, patient_id, (xs, ys, xe, ye)), ...]}, [{item, reason}, ...],
          Counter {stain: rows} over the well-formed rows)
+
+    Raises:
+        UserError: the file is missing or its header lacks a column.
     """
     if not path.is_file():
         raise UserError(f"annotations not found: {path} (expected the DLBCL-Morph layout TMA/annotations.csv)")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.reader(f))
-    has_header = bool(rows) and len(rows[0]) >= 7 and not _is_number(rows[0][3])
+    col = annotation_columns(rows[0] if rows else [], path)
+    box_columns = [col[c] for c in ("xs", "ys", "xe", "ye")]
+    width = max(col.values()) + 1
     by_slide: dict[str, list] = {}
     skipped, stains = [], Counter()
-    for number, row in enumerate(rows[has_header:], start=1 + has_header):
+    for number, row in enumerate(rows[1:], start=2):
         if not any(v.strip() for v in row):
             continue
-        if len(row) < 7 or not all(_is_number(v) for v in row[3:7]):
+        if len(row) < width or not all(_is_number(row[i]) for i in box_columns):
             skipped.append({"item": f"annotations.csv row {number}", "reason": "malformed_row",
-                            "detail": f"expected 7 columns with numeric xs, ys, xe, ye, got {row!r}"})
+                            "detail": f"expected {width} columns with numeric xs, ys, xe, ye, got {row!r}"})
             continue
-        stains[row[2].strip()] += 1
-        if row[2].strip() != stain:
+        stains[row[col["stain"]].strip()] += 1
+        if row[col["stain"]].strip() != stain:
             continue
-        box = tuple(int(float(v)) for v in row[3:7])
-        by_slide.setdefault(row[1].strip(), []).append((number, row[0].strip(), box))
+        box = tuple(int(float(row[i])) for i in box_columns)
+        by_slide.setdefault(row[col["tma_id"]].strip(), []).append((number, row[col["patient_id"]].strip(), box))
     return by_slide, skipped, stains
 
 
 def _is_number(text: str) -> bool:
     try:
-        float(text)
+        return math.isfinite(float(text))
     except ValueError:
         return False
-    return True
 
 
 def tile_one(job: dict) -> dict:
-    """Tile one slide in a worker process (each worker opens its own slide)."""
+    """Tile one slide in a worker process (each worker opens its own slide); the thumbnail stays here."""
     t = job["params"]
     rois = job["rois"]
     boxes = np.array([r[2] for r in rois], np.int64).reshape(-1, 4)
@@ -87,16 +126,12 @@ def tile_one(job: dict) -> dict:
         result = slides.tile_slide(
             job["path"], boxes,
             [f"{job['tma_id']} row {r[0]}" for r in rois], [r[1] for r in rois],
-            target_mpp=t["target_mpp"], patch_size_px=t["patch_size_px"], mpp_override=t["mpp_override"],
-            allow_objective_power=t["allow_objective_power"], max_read_px=t["max_read_px"],
-            quality={"hue_range": None, "saturation_range": t["saturation_range"],
-                     "value_range": t["value_range"]},
-            negatives=t["negatives"])
+            **slides.tile_options(t), negatives=t["negatives"])
     except slides.SlideError as err:
         return {"tma_id": job["tma_id"], "error": str(err)}
     slides.save_overview(job["overview"], result, boxes)
-    result.pop("thumbnail", None)
-    return {"tma_id": job["tma_id"], **result}
+    result.tissue = None
+    return {"tma_id": job["tma_id"], "tiles": result}
 
 
 def balance(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -109,14 +144,15 @@ def balance(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.sort(np.concatenate([rng.choice(pos, n, replace=False), rng.choice(neg, n, replace=False)]))
 
 
-def failure_message(empty: list[str], found: dict[str, int], skipped: list[dict], parts: list[dict],
+def failure_message(empty: list[str], found: dict[str, int], skipped: list[dict], parts: list,
                     n_slides: int, missing_pattern: Path) -> str:
-    """Why a class got no patch: the top skip and quality-filter reasons with counts, and the slide path
-    looked for when slides were missing (the usual cause: a stain folder named differently)."""
+    """Why a class got no patch: the top skip and quality-filter reasons with counts, the slide path
+    looked for when slides were missing (the usual cause: a stain folder named differently), and the
+    first slide's error when no slide could be tiled (e.g. no mpp, with advice that fits the slide)."""
     reasons = Counter(s["reason"] for s in skipped)
     for cls in empty:
         for part in parts:
-            for reason, n in part["counts"]["positive" if cls == "lymphoma" else "negative"]["rejected"].items():
+            for reason, n in part.counts["positive" if cls == "lymphoma" else "negative"]["rejected"].items():
                 reasons[f"{cls}_patch_{reason}"] += n
     top = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common(3)) or "nothing was skipped or rejected"
     message = (f"no {' and no '.join(empty)} patches ({found['lymphoma']} lymphoma, {found['negative']} negative "
@@ -125,6 +161,9 @@ def failure_message(empty: list[str], found: dict[str, int], skipped: list[dict]
         folders = sorted(p.name for p in missing_pattern.parent.parent.iterdir() if p.is_dir())
         message += (f"; {reasons['missing_slide']} of {n_slides} slides missing, looked for {missing_pattern} "
                     f"(folders in {missing_pattern.parent.parent}: {', '.join(folders) or 'none'})")
+    errors = [s for s in skipped if s["reason"] == "slide_error"]
+    if errors and not parts:
+        message += f"; no slide could be tiled, {errors[0]['item']}: {errors[0]['detail']}"
     return message
 
 
@@ -161,31 +200,31 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in res:
             skipped.append({"item": f"slide {res['tma_id']}", "reason": "slide_error", "detail": res["error"]})
             continue
-        skipped += res["skipped"]
-        per_slide[res["tma_id"]] = {"level": res["level"], "counts": res["counts"], "kept": len(res["y"])}
-        parts.append(res)
+        tiles = res["tiles"]
+        skipped += tiles.skipped
+        per_slide[res["tma_id"]] = {"level": tiles.grid.level, "counts": tiles.counts, "kept": len(tiles.y)}
+        parts.append(tiles)
 
     for item in skipped[:10]:
         print(f"   skipped {item['item']}: {item['reason']} ({item.get('detail', '')})")
 
     # ---- a patch set without lymphoma (or without the negatives asked for) trains nothing: fail loudly
-    y = np.concatenate([np.zeros(0, np.uint8), *(p["y"] for p in parts)]).astype(np.uint8)
+    y = np.concatenate([np.zeros(0, np.uint8), *(p.y for p in parts)]).astype(np.uint8)
     found = {"lymphoma": int((y == 1).sum()), "negative": int((y == 0).sum())}
     empty = [cls for cls in ("lymphoma", "negative") if found[cls] == 0 and (cls == "lymphoma" or t["negatives"])]
     if empty:
         message = failure_message(empty, found, skipped, parts, len(by_slide), tma / t["stain"] / "<tma_id>.svs")
         write_summary(out, STEP, cfg, started, slides=per_slide, n_patches=0, found=found, skipped=skipped,
                       error=message, outputs=[])
-        print(f"error: {message}; see {out / 'summary.json'}", file=sys.stderr)
-        return 1
+        raise UserError(f"{message}; see {out / 'summary.json'}")
     n_total = len(y)
-    x = np.concatenate([p["x"] for p in parts])
-    group = np.concatenate([p["group"] for p in parts])
-    coords = np.concatenate([p["coords"] for p in parts])
+    x = np.concatenate([p.x for p in parts])
+    group = np.concatenate([p.group for p in parts])
+    coords = np.concatenate([p.coords for p in parts])
     keep = balance(y, np.random.default_rng(cfg["run"]["seed"])) if t["balance"] else np.arange(len(y))
 
     with PatchSetWriter(out / "dlbcl.h5", source="dlbcl", split="all", mpp=t["target_mpp"],
-                        provenance=provenance(cfg, STEP), patch_size_px=t["patch_size_px"]) as writer:
+                        provenance=provenance(cfg, STEP)) as writer:
         writer.append(x[keep], y[keep], group[keep], coords[keep])
     n_pos, n_neg = int((y[keep] == 1).sum()), int((y[keep] == 0).sum())
     write_summary(out, STEP, cfg, started, slides=per_slide, n_patches=len(keep), n_positive=n_pos,

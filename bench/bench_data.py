@@ -94,11 +94,11 @@ def bench_tiling(settings: Settings) -> Result:
     with tempfile.TemporaryDirectory() as tmp:
         path, rois, roi_ids, groups = _demo_slide(Path(tmp), settings.quick)
         tiled = slides.tile_slide(path, rois, roi_ids, groups, target_mpp=0.972, patch_size_px=96)
-        coords = np.concatenate([tiled["coords"], tiled["rejected_coords"]])
-        level, patch_level0_px = tiled["level"], tiled["patch_level0_px"]
+        coords = np.concatenate([tiled.coords, tiled.rejected_coords])
+        level, patch_level0_px = tiled.grid.level, tiled.grid.patch_level0_px
         n_patches = len(coords)
 
-        def ours() -> dict:
+        def ours() -> slides.SlideTiles:
             return slides.tile_slide(path, rois, roi_ids, groups, target_mpp=0.972, patch_size_px=96)
 
         def ours_read(read_threads: int | None = None) -> np.ndarray:

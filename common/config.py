@@ -114,7 +114,6 @@ SCHEMA: dict[str, Any] = {
     "tile_dlbcl": {
         "stain": _f("str"),
         "target_mpp": _f("float", minimum=0.01),
-        "patch_size_px": _f("int", minimum=8),
         "mpp_override": _f("float", minimum=0.01, nullable=True),
         "allow_objective_power": _f("bool"),
         "max_read_px": _f("int", minimum=256),

@@ -12,14 +12,21 @@ area) are composited on white.
 
 Inputs: a slide path, ROI boxes ``int (R, 4)`` as (xs, ys, xe, ye) in level-0 pixels (xe, ye
 exclusive), one id and one group (patient id) per ROI.
-Outputs (``tile_slide``): positives -- ``patch_size_px`` patches on a grid inside each ROI, label 1;
-negatives -- grid cells over tissue that touch no ROI, label 0; both quality-filtered with
-``common.filters.filter_patches``; per-label counts, skipped ROIs with reasons, and a thumbnail for
+Outputs (``tile_slide``, a ``SlideTiles``): positives -- ``patch_size_px`` patches on a grid inside each
+ROI, label 1; negatives -- grid cells over tissue that touch no ROI, label 0; both quality-filtered with
+``common.filters.filter_patches``; per-label counts, skipped ROIs with reasons, and the thumbnail for
 ``save_overview``.
+
+The stages are public for other users of 02's grid (e.g. whole-slide prediction maps): ``slide_grid``
+(scale, level, patch side), ``read_tissue`` / ``tissue_cells`` (thumbnail tissue test, cells of the
+slide-wide grid, ``TissueMap.pieces`` for the connected tissue piece -- a TMA core -- under a point),
+``read_filtered`` (batched read + quality filter) and ``tile_tissue`` (all tissue of a slide, no ROIs);
+``tile_options`` turns the ``tile_dlbcl`` config section into their keyword arguments.
 
 Usage:
     result = tile_slide("TMA/HE/131.svs", rois, roi_ids, groups, target_mpp=0.972)
     save_overview("overview/131.png", result, rois)
+    whole = tile_tissue("TMA/HE/131.svs", **tile_options(cfg["tile_dlbcl"]))  # whole.x, .coords, .core
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -39,10 +48,10 @@ from common.filters import DLBCL_QUALITY, filter_patches
 
 # A thumbnail pixel is tissue when its saturation exceeds the DLBCL patch floor (thesis: S > 0.07).
 TISSUE_MIN_SATURATION = 0.07
-# A grid cell becomes a negative candidate when at least this fraction of it is tissue on the thumbnail.
-NEGATIVE_MIN_TISSUE_FRACTION = 0.5
+# A grid cell counts as tissue (a negative candidate) when at least this fraction of it is tissue on the thumbnail.
+CELL_MIN_TISSUE_FRACTION = 0.5
 # Patches read and filtered per batch, so rejected pixels never pile up (~113 MB of 96 px patches).
-_PATCH_BATCH = 4096
+PATCH_BATCH = 4096
 
 
 def _usable_cpus() -> int:
@@ -83,15 +92,41 @@ def _positive_float(raw) -> float | None:
     return value if math.isfinite(value) and value > 0 else None
 
 
+# Level-0 um/px of typical scans at 20x and 40x, by openslide.vendor (others: the usual 0.50 and 0.25).
+TYPICAL_MPP = {"aperio": (0.50, 0.25), "hamamatsu": (0.46, 0.23)}
+
+
+def missing_mpp_advice(slide, name: str) -> str:
+    """One line for a slide without ``openslide.mpp-x``: what is known of it (vendor, objective power,
+    size) and what to set, with the typical um/px of its vendor's 20x and 40x scans and the physical
+    size each would give the slide (a TMA slide's tissue area is a few cm at most)."""
+    vendor = slide.properties.get(openslide.PROPERTY_NAME_VENDOR) or "unknown vendor"
+    power = _positive_float(slide.properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
+    width, height = slide.dimensions
+    mpp_20x, mpp_40x = TYPICAL_MPP.get(vendor, (0.50, 0.25))
+    known = f"{vendor}, {width} x {height} px, " + (f"objective power {power:g}x" if power else "no objective power")
+    advice = f"slide {name} ({known}) has no openslide.mpp-x; set tile_dlbcl.mpp_override to its level-0 um/px"
+    if power:
+        return (f"{advice} ({vendor} scans at {power:g}x are usually about {mpp_40x * 40 / power:.2f} um/px), or "
+                f"enable tile_dlbcl.allow_objective_power to use 10 / {power:g} = {10 / power:.3g} um/px")
+
+    def mm(mpp: float) -> str:
+        return f"{width * mpp / 1e3:.1f} x {height * mpp / 1e3:.1f} mm"
+
+    return (f"{advice}: typical {vendor} scans are {mpp_20x:.2f} um/px at 20x (the slide would be {mm(mpp_20x)}) "
+            f"and {mpp_40x:.2f} at 40x ({mm(mpp_40x)})")
+
+
 def slide_mpp(slide, name: str, mpp_override: float | None = None,
               allow_objective_power: bool = False) -> float:
     """Level-0 microns per pixel of a slide.
 
     Order: ``openslide.mpp-x``; else ``mpp_override``; else, if allowed, 10 / objective power (the
-    usual 40x = 0.25 um/px convention, a guess); else an error.
+    usual 40x = 0.25 um/px convention, a guess); else an error with advice that fits the slide
+    (``missing_mpp_advice``).
 
     Args:
-        slide: an OpenSlide (anything with a ``properties`` mapping).
+        slide: an OpenSlide (anything with ``properties`` and ``dimensions``).
         name: the slide's name for messages.
         mpp_override: um/px to use where the slide has no ``openslide.mpp-x``.
         allow_objective_power: fall back to ``openslide.objective-power``.
@@ -109,14 +144,10 @@ def slide_mpp(slide, name: str, mpp_override: float | None = None,
         if _positive_float(mpp_override) is None:
             raise SlideError(f"slide {name}: mpp_override must be a positive number (um/px), got {mpp_override}")
         return float(mpp_override)
-    if allow_objective_power:
-        power = _positive_float(slide.properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
-        if power is not None:
-            return 10.0 / power
-        raise SlideError(f"slide {name} has neither openslide.mpp-x nor openslide.objective-power; "
-                         "set tile_dlbcl.mpp_override (um/px)")
-    raise SlideError(f"slide {name} has no openslide.mpp-x; set tile_dlbcl.mpp_override (um/px) "
-                     "or enable tile_dlbcl.allow_objective_power")
+    power = _positive_float(slide.properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
+    if allow_objective_power and power is not None:
+        return 10.0 / power
+    raise SlideError(missing_mpp_advice(slide, name))
 
 
 def pick_level(level_downsamples, wanted_downsample: float, rel_tolerance: float = 0.01) -> int:
@@ -350,35 +381,244 @@ def read_thumbnail(slide, thumbnail_px: int = 1024, max_read_px: int = 4096) -> 
     return thumbnail, 1.0 / (factor * downsample)
 
 
-def _tissue_fraction(thumbnail: np.ndarray, scale: float, coords: np.ndarray,
-                     patch_level0_px: float) -> np.ndarray:
-    """Fraction of each cell's thumbnail pixels that are tissue (saturation test), via an integral image."""
+# ---------------------------------------------------------------- the grid at the experiment scale
+
+
+@dataclass(frozen=True)
+class Grid:
+    """How one slide is tiled at the experiment scale: the level read and the patch size in level-0 px.
+
+    ``slide`` file name; ``width_px``, ``height_px`` level-0 size; ``mpp`` level-0 um/px; ``target_mpp``
+    output um/px; ``level`` the pyramid level read and ``level_mpp`` its um/px; ``downsample`` level-0 px
+    per output px; ``patch_level0_px`` patch side in level-0 px; ``patch_size_px`` output side in px.
+    """
+
+    slide: str
+    width_px: int
+    height_px: int
+    mpp: float
+    target_mpp: float
+    level: int
+    level_mpp: float
+    downsample: float
+    patch_level0_px: float
+    patch_size_px: int
+
+    def cells(self) -> np.ndarray:
+        """Top-left corners int64 (K, 2), level-0 px, of the slide-wide grid of whole patches, row by row."""
+        return roi_grid((0, 0, self.width_px, self.height_px), self.patch_level0_px)
+
+
+def slide_grid(slide, name: str, *, target_mpp: float = 0.972, patch_size_px: int = 96,
+               mpp_override: float | None = None, allow_objective_power: bool = False,
+               scale_tolerance: float = 0.01) -> Grid:
+    """The slide's scale, the pyramid level to read (``pick_level``) and the patch side in level-0 px.
+
+    Raises:
+        SlideError: no usable scale, or a target finer than the slide.
+    """
+    mpp = slide_mpp(slide, name, mpp_override, allow_objective_power)
+    wanted = target_mpp / mpp
+    level = pick_level(slide.level_downsamples, wanted, scale_tolerance)
+    level_downsample = float(slide.level_downsamples[level])
+    # Snap float noise (target = exactly k * mpp) so that such a level is read without resampling.
+    if abs(wanted / level_downsample - 1) < 1e-6:
+        wanted = level_downsample
+    width, height = slide.dimensions
+    return Grid(name, int(width), int(height), mpp, float(target_mpp), level, mpp * level_downsample, wanted,
+                patch_size_px * wanted, patch_size_px)
+
+
+def tile_options(tile_dlbcl: dict) -> dict:
+    """Keyword arguments of ``tile_slide`` and ``tile_tissue`` from the ``tile_dlbcl`` config section, so that
+    every user of 02's grid (02 itself, whole-slide maps) tiles at the same scale with the same rules."""
+    t = tile_dlbcl
+    return {"target_mpp": t["target_mpp"], "mpp_override": t["mpp_override"],
+            "allow_objective_power": t["allow_objective_power"], "max_read_px": t["max_read_px"],
+            "quality": {"hue_range": None, "saturation_range": t["saturation_range"], "value_range": t["value_range"]}}
+
+
+# ---------------------------------------------------------------- tissue on the thumbnail
+
+
+@dataclass
+class TissueMap:
+    """A slide's thumbnail and its tissue mask (saturation > ``TISSUE_MIN_SATURATION``).
+
+    ``thumbnail`` uint8 (h, w, 3) RGB; ``scale`` thumbnail px per level-0 px; ``mask`` bool (h, w).
+    """
+
+    thumbnail: np.ndarray
+    scale: float
+    mask: np.ndarray
+
+    def fraction(self, coords: np.ndarray, patch_level0_px: float) -> np.ndarray:
+        """Fraction float64 (K,) of each patch's thumbnail pixels that are tissue, via an integral image.
+
+        coords: int (K, 2) level-0 top-left corners."""
+        integral = cv2.integral(self.mask.astype(np.uint8)).astype(np.int64)
+        thumb_h, thumb_w = self.mask.shape
+        x0 = np.clip(np.floor(coords[:, 0] * self.scale).astype(np.int64), 0, thumb_w - 1)
+        y0 = np.clip(np.floor(coords[:, 1] * self.scale).astype(np.int64), 0, thumb_h - 1)
+        x1 = np.clip(np.maximum(x0 + 1, np.rint((coords[:, 0] + patch_level0_px) * self.scale)), 0, thumb_w)
+        y1 = np.clip(np.maximum(y0 + 1, np.rint((coords[:, 1] + patch_level0_px) * self.scale)), 0, thumb_h)
+        x1, y1 = x1.astype(np.int64), y1.astype(np.int64)
+        tissue = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+        return tissue / ((x1 - x0) * (y1 - y0))
+
+    def pieces(self, points: np.ndarray, patch_level0_px: float) -> np.ndarray:
+        """Connected tissue piece (a TMA core) int (K,) under each level-0 point (K, 2); 0 = none.
+
+        The mask is closed (5 x 5) so that a core's pale gaps do not split it and dilated by half a patch
+        so that the centre of a patch on a core's rim falls inside the core. Cores closer than that merge
+        into one piece, which only makes groups coarser (never a leak)."""
+        mask = cv2.morphologyEx(self.mask.astype(np.uint8), cv2.MORPH_CLOSE,
+                                cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
+        reach = 2 * int(np.ceil(patch_level0_px * self.scale / 2)) + 1
+        mask = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (reach, reach)))
+        _, labels = cv2.connectedComponents(mask, connectivity=8)
+        x = np.clip((points[:, 0] * self.scale).astype(np.int64), 0, labels.shape[1] - 1)
+        y = np.clip((points[:, 1] * self.scale).astype(np.int64), 0, labels.shape[0] - 1)
+        return labels[y, x]
+
+
+def read_tissue(slide, thumbnail_px: int = 1024, max_read_px: int = 4096) -> TissueMap:
+    """The slide's thumbnail (``read_thumbnail``) and its tissue mask."""
+    thumbnail, scale = read_thumbnail(slide, thumbnail_px, max_read_px)
     hsv = cv2.cvtColor(thumbnail.astype(np.float32) / 255, cv2.COLOR_RGB2HSV)
-    integral = cv2.integral((hsv[..., 1] > TISSUE_MIN_SATURATION).astype(np.uint8)).astype(np.int64)
-    thumb_h, thumb_w = thumbnail.shape[:2]
-    x0 = np.clip(np.floor(coords[:, 0] * scale).astype(np.int64), 0, thumb_w - 1)
-    y0 = np.clip(np.floor(coords[:, 1] * scale).astype(np.int64), 0, thumb_h - 1)
-    x1 = np.clip(np.maximum(x0 + 1, np.rint((coords[:, 0] + patch_level0_px) * scale)), 0, thumb_w).astype(np.int64)
-    y1 = np.clip(np.maximum(y0 + 1, np.rint((coords[:, 1] + patch_level0_px) * scale)), 0, thumb_h).astype(np.int64)
-    tissue = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-    return tissue / ((x1 - x0) * (y1 - y0))
+    return TissueMap(thumbnail, scale, hsv[..., 1] > TISSUE_MIN_SATURATION)
 
 
-def _tissue_components(thumbnail: np.ndarray, scale: float, points: np.ndarray, patch_level0_px: float) -> np.ndarray:
-    """Connected tissue piece (a TMA core) under each level-0 patch centre (K, 2): int (K,), 0 = none.
+def tissue_cells(tissue: TissueMap, grid: Grid) -> np.ndarray:
+    """Cells int64 (K, 2) of the slide-wide grid, level-0 top-left, that are at least
+    ``CELL_MIN_TISSUE_FRACTION`` tissue on the thumbnail, row by row."""
+    cells = grid.cells()
+    return cells[tissue.fraction(cells, grid.patch_level0_px) >= CELL_MIN_TISSUE_FRACTION]
 
-    Tissue is the thumbnail's saturation test, closed (5 x 5) so that a core's pale gaps do not split it
-    and dilated by half a patch so that the centre of a patch on a core's rim falls inside the core.
-    Cores closer than that merge into one piece, which only makes groups coarser (never a leak)."""
-    hsv = cv2.cvtColor(thumbnail.astype(np.float32) / 255, cv2.COLOR_RGB2HSV)
-    mask = (hsv[..., 1] > TISSUE_MIN_SATURATION).astype(np.uint8)
-    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
-    reach = 2 * int(np.ceil(patch_level0_px * scale / 2)) + 1
-    mask = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (reach, reach)))
-    _, labels = cv2.connectedComponents(mask, connectivity=8)
-    x = np.clip((points[:, 0] * scale).astype(np.int64), 0, labels.shape[1] - 1)
-    y = np.clip((points[:, 1] * scale).astype(np.int64), 0, labels.shape[0] - 1)
-    return labels[y, x]
+
+# ---------------------------------------------------------------- read and quality-filter
+
+
+def read_filtered(slide, coords: np.ndarray, grid: Grid, *, max_read_px: int = 4096,
+                  quality: dict | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Read patches in batches of ``PATCH_BATCH`` and quality-filter them, so rejected pixels never pile up.
+
+    Args:
+        slide: an OpenSlide.
+        coords: int (K, 2) level-0 top-left corners, in the order wanted.
+        grid: the slide's ``Grid``.
+        max_read_px: largest region side read at once, in px of the level read.
+        quality: keyword arguments of ``filter_patches``; default ``DLBCL_QUALITY``.
+
+    Yields:
+        Per consecutive batch of ``coords``: keep bool (B,), reason str (B,) ('' where kept) and the
+        kept patches uint8 (keep.sum(), p, p, 3) RGB.
+    """
+    quality = DLBCL_QUALITY if quality is None else quality
+    for start in range(0, len(coords), PATCH_BATCH):
+        patches = read_patches(slide, coords[start:start + PATCH_BATCH], grid.patch_level0_px, grid.level,
+                               grid.patch_size_px, max_read_px)
+        keep, reason = filter_patches(patches, **quality)
+        yield keep, reason, patches[keep]
+
+
+def _read_all(slide, coords: np.ndarray, grid: Grid, max_read_px: int, quality: dict | None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``read_filtered`` collected: keep (K,), reason (K,), kept patches (keep.sum(), p, p, 3)."""
+    batches = list(read_filtered(slide, coords, grid, max_read_px=max_read_px, quality=quality))
+    p = grid.patch_size_px
+    return (np.concatenate([np.zeros(0, bool), *(b[0] for b in batches)]),
+            np.concatenate([np.zeros(0, "<U1"), *(b[1] for b in batches)]),
+            np.concatenate([np.empty((0, p, p, 3), np.uint8), *(b[2] for b in batches)]))
+
+
+# ---------------------------------------------------------------- all tissue of a slide (no ROIs)
+
+
+@dataclass
+class TissueTiles:
+    """Every tissue cell of a slide's grid, read and quality-filtered (``tile_tissue``).
+
+    ``x`` uint8 (K, p, p, 3) kept patches; ``coords`` int64 (K, 2) their level-0 top-left corners;
+    ``core`` int64 (K,) their tissue piece (``TissueMap.pieces`` of the patch centre, 0 = none);
+    ``rejected_coords`` (M, 2), ``rejected_core`` (M,), ``rejected_reason`` str (M,) for the rest.
+    """
+
+    grid: Grid
+    tissue: TissueMap
+    x: np.ndarray
+    coords: np.ndarray
+    core: np.ndarray
+    rejected_coords: np.ndarray
+    rejected_core: np.ndarray
+    rejected_reason: np.ndarray
+
+
+def tile_tissue(path, *, target_mpp: float = 0.972, patch_size_px: int = 96, mpp_override: float | None = None,
+                allow_objective_power: bool = False, scale_tolerance: float = 0.01, max_read_px: int = 4096,
+                quality: dict | None = None, thumbnail_px: int = 1024) -> TissueTiles:
+    """Tile all tissue of a slide on 02's grid with 02's tissue and quality rules, ROIs ignored.
+
+    The grid, level choice, tissue test (cells >= ``CELL_MIN_TISSUE_FRACTION`` tissue) and quality
+    filter are exactly those of ``tile_slide``, so a patch here at the coordinates of a 02 patch holds
+    the same pixels. Arguments as in ``tile_slide``.
+
+    Raises:
+        SlideError: missing or unreadable slide, no scale, or a target finer than the slide.
+    """
+    name = Path(path).name
+    slide = open_slide(path)
+    try:
+        grid = slide_grid(slide, name, target_mpp=target_mpp, patch_size_px=patch_size_px, mpp_override=mpp_override,
+                          allow_objective_power=allow_objective_power, scale_tolerance=scale_tolerance)
+        tissue = read_tissue(slide, thumbnail_px, max_read_px)
+        coords = tissue_cells(tissue, grid)
+        keep, reason, x = _read_all(slide, coords, grid, max_read_px, quality)
+    except openslide.OpenSlideError as exc:
+        raise SlideError(f"cannot read slide {name}: {exc}") from exc
+    finally:
+        slide.close()
+    core = tissue.pieces(coords + grid.patch_level0_px / 2, grid.patch_level0_px)
+    return TissueTiles(grid, tissue, x, coords[keep], core[keep], coords[~keep], core[~keep], reason[~keep])
+
+
+# ---------------------------------------------------------------- ROIs: positives and negatives
+
+
+def _roi_cells(rois: np.ndarray, roi_ids: list[str], grid: Grid) -> tuple[np.ndarray, np.ndarray, list, int]:
+    """Positive cells: ``roi_grid`` of each well-formed ROI clipped to the slide.
+
+    Returns coords int64 (K, 2), ROI index (K,), skipped ROIs [{item, reason, detail}], ROIs clipped."""
+    width, height = grid.width_px, grid.height_px
+    well_formed = (rois[:, 0] < rois[:, 2]) & (rois[:, 1] < rois[:, 3])
+    clipped = np.stack([np.maximum(rois[:, 0], 0), np.maximum(rois[:, 1], 0),
+                        np.minimum(rois[:, 2], width), np.minimum(rois[:, 3], height)], axis=1)
+    inside = (clipped[:, 0] < clipped[:, 2]) & (clipped[:, 1] < clipped[:, 3])
+    rois_clipped = int((well_formed & inside & np.any(clipped != rois, axis=1)).sum())
+    skipped, coords, roi_index = [], [np.zeros((0, 2), np.int64)], [np.zeros(0, np.int64)]
+    for index, roi in enumerate(rois):
+        item = f"{grid.slide}:{roi_ids[index]}"
+        if not well_formed[index]:
+            skipped.append({"item": item, "reason": "roi_empty",
+                            "detail": f"box {roi.tolist()} has xs >= xe or ys >= ye"})
+        elif not inside[index]:
+            skipped.append({"item": item, "reason": "roi_outside_slide",
+                            "detail": f"box {roi.tolist()} lies outside the slide ({width} x {height} px)"})
+        else:
+            cells = roi_grid(clipped[index], grid.patch_level0_px)
+            if len(cells) == 0:
+                skipped.append({"item": item, "reason": "roi_smaller_than_patch",
+                                "detail": f"box {roi.tolist()} holds no {grid.patch_level0_px:.1f} px patch"})
+            coords.append(cells)
+            roi_index.append(np.full(len(cells), index))
+    return np.concatenate(coords), np.concatenate(roi_index), skipped, rois_clipped
+
+
+def _outside_boxes(cells: np.ndarray, patch_level0_px: float, boxes: np.ndarray) -> np.ndarray:
+    """bool (K,): the patch at each cell (K, 2) intersects none of the boxes (R, 4)."""
+    start, end = cells[:, None, :], cells[:, None, :] + patch_level0_px
+    touches = np.all((start < boxes[None, :, 2:]) & (end > boxes[None, :, :2]), axis=2)
+    return ~touches.any(axis=1)
 
 
 def _nearest_roi_per_component(distance: np.ndarray, component: np.ndarray) -> np.ndarray:
@@ -399,32 +639,61 @@ def _box_distance(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return np.hypot(dx, dy)
 
 
-def _read_and_filter(slide, coords, patch_level0_px, level, patch_size_px, max_read_px, quality):
-    """Read and quality-filter in batches; returns kept patches, keep flags and reasons."""
-    kept, keep_flags, reasons = [], [], []
-    for start in range(0, len(coords), _PATCH_BATCH):
-        patches = read_patches(slide, coords[start:start + _PATCH_BATCH], patch_level0_px, level,
-                               patch_size_px, max_read_px)
-        keep, reason = filter_patches(patches, **quality)
-        kept.append(patches[keep])
-        keep_flags.append(keep)
-        reasons.append(reason)
-    empty = np.empty((0, patch_size_px, patch_size_px, 3), np.uint8)
-    return (np.concatenate([empty, *kept]), np.concatenate([np.zeros(0, bool), *keep_flags]),
-            np.concatenate([np.zeros(0, "<U1"), *reasons]))
+def _negative_groups(tissue: TissueMap, grid: Grid, coords: np.ndarray, boxes: np.ndarray,
+                     box_groups: np.ndarray) -> np.ndarray:
+    """Group str (K,) of each negative: that of the ROI nearest to its tissue piece (``_nearest_roi_per_component``),
+    or the slide's file name when the slide has no well-formed ROI."""
+    if len(boxes) == 0:
+        return np.full(len(coords), grid.slide)
+    centres = coords + grid.patch_level0_px / 2
+    core = tissue.pieces(centres, grid.patch_level0_px)
+    return box_groups[_nearest_roi_per_component(_box_distance(centres, boxes.astype(np.float64)), core)]
+
+
+@dataclass
+class SlideTiles:
+    """What ``tile_slide`` returns for one slide.
+
+    ``x`` uint8 (K, p, p, 3) kept patches, positives first; ``y`` uint8 (K,) 1 positive / 0 negative;
+    ``group`` str (K,); ``coords`` int64 (K, 2) level-0 top-left; ``rejected_coords`` (M, 2),
+    ``rejected_y`` (M,), ``rejected_reason`` str (M,) for patches the quality filter rejected;
+    ``counts`` {"positive"/"negative": {"kept": n, "rejected": {reason: n}}, "skipped": {reason: n},
+    "rois_clipped": n}; ``skipped`` [{"item": "<slide>:<roi id>", "reason": code, "detail": text}] with
+    codes roi_empty (xs >= xe or ys >= ye), roi_outside_slide, roi_smaller_than_patch,
+    roi_all_patches_rejected; ``tissue`` the thumbnail and its tissue mask (None once dropped).
+    """
+
+    grid: Grid
+    x: np.ndarray
+    y: np.ndarray
+    group: np.ndarray
+    coords: np.ndarray
+    rejected_coords: np.ndarray
+    rejected_y: np.ndarray
+    rejected_reason: np.ndarray
+    counts: dict
+    skipped: list
+    tissue: TissueMap | None
+
+    @property
+    def slide(self) -> str:
+        return self.grid.slide
+
+
+_SKIP_ORDER = {"roi_empty": 0, "roi_outside_slide": 1, "roi_smaller_than_patch": 2, "roi_all_patches_rejected": 3}
 
 
 def tile_slide(path, rois, roi_ids: list[str], groups: list[str], *, target_mpp: float = 0.972,
                patch_size_px: int = 96, mpp_override: float | None = None,
-               allow_objective_power: bool = False, max_read_px: int = 4096, quality: dict | None = None,
-               negatives: bool = True, thumbnail_px: int = 1024) -> dict:
+               allow_objective_power: bool = False, scale_tolerance: float = 0.01, max_read_px: int = 4096,
+               quality: dict | None = None, negatives: bool = True, thumbnail_px: int = 1024) -> SlideTiles:
     """Tile one slide: positives on a grid inside each ROI, negatives on tissue outside all ROIs.
 
-    Positives: ``roi_grid`` of each ROI (clipped to the slide), group = the ROI's group. Negatives: a
-    slide-wide grid of the same step; cells with >= 50 % tissue on the thumbnail (saturation > 0.07)
-    that intersect no well-formed ROI; group = the group of the nearest ROI (distance from the
-    patch centre to the ROI box, so the core a negative lies in or beside), or the slide's file name
-    when the slide has no well-formed ROI. Both are quality-filtered with ``filter_patches(**quality)``.
+    Stages: the grid (``slide_grid``); the tissue map (``read_tissue``); positive cells (``roi_grid`` of
+    each ROI clipped to the slide, group = the ROI's group) and negative cells (``tissue_cells`` that
+    intersect no well-formed ROI); one read and quality filter (``read_filtered``) over both, so
+    neighbours share slide tiles; negative groups (the group of the ROI nearest to the negative's
+    tissue piece, or the slide's file name when the slide has no well-formed ROI).
 
     Args:
         path: slide file.
@@ -435,142 +704,83 @@ def tile_slide(path, rois, roi_ids: list[str], groups: list[str], *, target_mpp:
         patch_size_px: output patch side in px.
         mpp_override: um/px for slides without ``openslide.mpp-x``.
         allow_objective_power: else fall back to 10 / objective power.
+        scale_tolerance: relative upsampling a pyramid level may need and still be read (``pick_level``).
         max_read_px: largest region side read at once, in px of the level read.
         quality: thresholds for ``filter_patches``; default ``DLBCL_QUALITY`` (S > 0.07, V < 0.8).
         negatives: also extract negatives.
         thumbnail_px: longest thumbnail side in px.
 
     Returns:
-        dict with ``x`` uint8 (K, p, p, 3), ``y`` uint8 (K,) 1 positive / 0 negative, ``group`` str (K,),
-        ``coords`` int64 (K, 2) level-0, ``rejected_coords`` int64 (M, 2), ``rejected_y`` uint8 (M,),
-        ``rejected_reason`` str (M,), ``mpp`` (output um/px), ``level``, ``downsample`` (level-0 px
-        per output px), ``patch_level0_px``, ``counts`` ({"positive"/"negative": {"kept": n,
-        "rejected": {reason: n}}, "skipped": {reason: n}, "rois_clipped": n}), ``skipped`` (list of
-        {"item": "<slide>:<roi id>", "reason": code, "detail": text}; codes roi_empty (xs >= xe or
-        ys >= ye), roi_outside_slide, roi_smaller_than_patch, roi_all_patches_rejected),
-        ``thumbnail`` uint8 (h, w, 3), ``thumbnail_scale`` (thumbnail px per level-0 px), ``slide``.
+        A ``SlideTiles``.
 
     Raises:
         SlideError: missing or unreadable slide, no scale, or a target finer than the slide.
     """
-    quality = DLBCL_QUALITY if quality is None else quality
     name = Path(path).name
     rois = np.asarray(rois, dtype=np.int64).reshape(-1, 4)
     if not len(rois) == len(roi_ids) == len(groups):
         raise SlideError(f"slide {name}: {len(rois)} ROIs, {len(roi_ids)} ids and {len(groups)} groups")
+    well_formed = (rois[:, 0] < rois[:, 2]) & (rois[:, 1] < rois[:, 3])
     slide = open_slide(path)
     try:
-        mpp = slide_mpp(slide, name, mpp_override, allow_objective_power)
-        wanted = target_mpp / mpp
-        level = pick_level(slide.level_downsamples, wanted)
-        level_downsample = float(slide.level_downsamples[level])
-        # Snap float noise (target = exactly k * mpp) so that such a level is read without resampling.
-        if abs(wanted / level_downsample - 1) < 1e-6:
-            wanted = level_downsample
-        patch_level0_px = patch_size_px * wanted
-        width, height = slide.dimensions
-        thumbnail, thumbnail_scale = read_thumbnail(slide, thumbnail_px, max_read_px)
-
-        # ---- positives: a grid inside each well-formed ROI, clipped to the slide ----
-        skipped, positive_coords, positive_roi = [], [], []
-        well_formed = (rois[:, 0] < rois[:, 2]) & (rois[:, 1] < rois[:, 3])
-        clipped = np.stack([np.maximum(rois[:, 0], 0), np.maximum(rois[:, 1], 0),
-                            np.minimum(rois[:, 2], width), np.minimum(rois[:, 3], height)], axis=1)
-        inside = (clipped[:, 0] < clipped[:, 2]) & (clipped[:, 1] < clipped[:, 3])
-        rois_clipped = int((well_formed & inside & np.any(clipped != rois, axis=1)).sum())
-        for index, roi in enumerate(rois):
-            item = f"{name}:{roi_ids[index]}"
-            if not well_formed[index]:
-                skipped.append({"item": item, "reason": "roi_empty",
-                                "detail": f"box {roi.tolist()} has xs >= xe or ys >= ye"})
-            elif not inside[index]:
-                skipped.append({"item": item, "reason": "roi_outside_slide",
-                                "detail": f"box {roi.tolist()} lies outside the slide ({width} x {height} px)"})
-            else:
-                grid = roi_grid(clipped[index], patch_level0_px)
-                if len(grid) == 0:
-                    skipped.append({"item": item, "reason": "roi_smaller_than_patch",
-                                    "detail": f"box {roi.tolist()} holds no {patch_level0_px:.1f} px patch"})
-                positive_coords.append(grid)
-                positive_roi.append(np.full(len(grid), index))
-        positive_coords = np.concatenate([np.zeros((0, 2), np.int64), *positive_coords])
-        positive_roi = np.concatenate([np.zeros(0, np.int64), *positive_roi])
-        group_array = np.asarray(groups, dtype=str)
-
-        # ---- negatives: tissue cells of a slide-wide grid that touch no ROI ----
+        # ---- grid and tissue
+        grid = slide_grid(slide, name, target_mpp=target_mpp, patch_size_px=patch_size_px, mpp_override=mpp_override,
+                          allow_objective_power=allow_objective_power, scale_tolerance=scale_tolerance)
+        tissue = read_tissue(slide, thumbnail_px, max_read_px)
+        # ---- positive cells inside the ROIs, negative cells on tissue that touches no ROI
+        pos_coords, pos_roi, skipped, rois_clipped = _roi_cells(rois, roi_ids, grid)
         neg_coords = np.zeros((0, 2), np.int64)
         if negatives:
-            cells = roi_grid((0, 0, width, height), patch_level0_px)
-            cells = cells[_tissue_fraction(thumbnail, thumbnail_scale, cells, patch_level0_px)
-                          >= NEGATIVE_MIN_TISSUE_FRACTION]
-            boxes = rois[well_formed].astype(np.float64)
-            start, end = cells[:, None, :], cells[:, None, :] + patch_level0_px
-            touches = np.all((start < boxes[None, :, 2:]) & (end > boxes[None, :, :2]), axis=2)
-            neg_coords = cells[~touches.any(axis=1)]
-
-        # ---- read and filter positives and negatives in one pass: neighbours share slide tiles ----
-        kept_x, keep, reason = _read_and_filter(slide, np.concatenate([positive_coords, neg_coords]),
-                                                patch_level0_px, level, patch_size_px, max_read_px, quality)
-        pos_keep, neg_keep = keep[:len(positive_coords)], keep[len(positive_coords):]
-        pos_reason, neg_reason = reason[:len(positive_coords)], reason[len(positive_coords):]
-        kept_per_roi = np.bincount(positive_roi[pos_keep], minlength=len(rois))
-        tried_per_roi = np.bincount(positive_roi, minlength=len(rois))
-        for index in np.flatnonzero((tried_per_roi > 0) & (kept_per_roi == 0)):
-            skipped.append({"item": f"{name}:{roi_ids[index]}", "reason": "roi_all_patches_rejected",
-                            "detail": f"all {tried_per_roi[index]} patches failed the quality filter"})
-        if well_formed.any():
-            centres = neg_coords + patch_level0_px / 2
-            core = _tissue_components(thumbnail, thumbnail_scale, centres, patch_level0_px)
-            nearest = _nearest_roi_per_component(_box_distance(centres, rois[well_formed].astype(np.float64)), core)
-            neg_groups = group_array[well_formed][nearest]
-        else:
-            neg_groups = np.full(len(neg_coords), name)
+            neg_coords = tissue_cells(tissue, grid)
+            neg_coords = neg_coords[_outside_boxes(neg_coords, grid.patch_level0_px, rois[well_formed])]
+        # ---- read and filter both in one pass
+        keep, reason, kept_x = _read_all(slide, np.concatenate([pos_coords, neg_coords]), grid, max_read_px, quality)
     except openslide.OpenSlideError as exc:
         raise SlideError(f"cannot read slide {name}: {exc}") from exc
     finally:
         slide.close()
 
+    pos_keep, neg_keep = keep[:len(pos_coords)], keep[len(pos_coords):]
+    pos_reason, neg_reason = reason[:len(pos_coords)], reason[len(pos_coords):]
+    kept_per_roi = np.bincount(pos_roi[pos_keep], minlength=len(rois))
+    tried_per_roi = np.bincount(pos_roi, minlength=len(rois))
+    for index in np.flatnonzero((tried_per_roi > 0) & (kept_per_roi == 0)):
+        skipped.append({"item": f"{name}:{roi_ids[index]}", "reason": "roi_all_patches_rejected",
+                        "detail": f"all {tried_per_roi[index]} patches failed the quality filter"})
+    group_array = np.asarray(groups, dtype=str)
+    neg_groups = _negative_groups(tissue, grid, neg_coords[neg_keep], rois[well_formed], group_array[well_formed])
     n_pos, n_neg = int(pos_keep.sum()), int(neg_keep.sum())
-    skip_order = {"roi_empty": 0, "roi_outside_slide": 1, "roi_smaller_than_patch": 2, "roi_all_patches_rejected": 3}
-    return {
-        "x": kept_x,
-        "y": np.repeat(np.array([1, 0], np.uint8), [n_pos, n_neg]),
-        "group": np.concatenate([group_array[positive_roi[pos_keep]], neg_groups[neg_keep]]).astype(str),
-        "coords": np.concatenate([positive_coords[pos_keep], neg_coords[neg_keep]]),
-        "rejected_coords": np.concatenate([positive_coords[~pos_keep], neg_coords[~neg_keep]]),
-        "rejected_y": np.repeat(np.array([1, 0], np.uint8), [int((~pos_keep).sum()), int((~neg_keep).sum())]),
-        "rejected_reason": np.concatenate([pos_reason[~pos_keep], neg_reason[~neg_keep]]).astype(str),
-        "mpp": float(target_mpp),
-        "level": level,
-        "downsample": wanted,
-        "patch_level0_px": patch_level0_px,
-        "counts": {
-            "positive": {"kept": n_pos, "rejected": dict(Counter(pos_reason[~pos_keep].tolist()))},
-            "negative": {"kept": n_neg, "rejected": dict(Counter(neg_reason[~neg_keep].tolist()))},
-            "skipped": dict(Counter(s["reason"] for s in skipped)),
-            "rois_clipped": rois_clipped,
-        },
-        "skipped": sorted(skipped, key=lambda s: (skip_order[s["reason"]], s["item"])),
-        "thumbnail": thumbnail,
-        "thumbnail_scale": thumbnail_scale,
-        "slide": name,
+    counts = {
+        "positive": {"kept": n_pos, "rejected": dict(Counter(pos_reason[~pos_keep].tolist()))},
+        "negative": {"kept": n_neg, "rejected": dict(Counter(neg_reason[~neg_keep].tolist()))},
+        "skipped": dict(Counter(s["reason"] for s in skipped)),
+        "rois_clipped": rois_clipped,
     }
+    return SlideTiles(
+        grid=grid, x=kept_x,
+        y=np.repeat(np.array([1, 0], np.uint8), [n_pos, n_neg]),
+        group=np.concatenate([group_array[pos_roi[pos_keep]], neg_groups]).astype(str),
+        coords=np.concatenate([pos_coords[pos_keep], neg_coords[neg_keep]]),
+        rejected_coords=np.concatenate([pos_coords[~pos_keep], neg_coords[~neg_keep]]),
+        rejected_y=np.repeat(np.array([1, 0], np.uint8), [int((~pos_keep).sum()), int((~neg_keep).sum())]),
+        rejected_reason=np.concatenate([pos_reason[~pos_keep], neg_reason[~neg_keep]]).astype(str),
+        counts=counts, skipped=sorted(skipped, key=lambda s: (_SKIP_ORDER[s["reason"]], s["item"])), tissue=tissue)
 
 
-def save_overview(png_path, result: dict, rois) -> Path:
+def save_overview(png_path, result: SlideTiles, rois) -> Path:
     """Write the slide overview: thumbnail, ROIs (blue), kept patches (green), rejected (red).
 
     Args:
         png_path: output .png path (written atomically: temporary file, then rename).
-        result: a ``tile_slide`` result.
+        result: a ``tile_slide`` result with its ``tissue``.
         rois: int (R, 4) level-0 boxes as given to ``tile_slide``.
 
     Returns:
         The written path.
     """
-    image = cv2.cvtColor(result["thumbnail"], cv2.COLOR_RGB2BGR)
-    scale = result["thumbnail_scale"]
-    side = result["patch_level0_px"]
+    image = cv2.cvtColor(result.tissue.thumbnail, cv2.COLOR_RGB2BGR)
+    scale = result.tissue.scale
+    side = result.grid.patch_level0_px
 
     def draw(boxes: np.ndarray, bgr: tuple[int, int, int], thickness: int) -> None:
         corners = np.rint(np.asarray(boxes, np.float64).reshape(-1, 4) * scale).astype(np.int32)
@@ -585,14 +795,14 @@ def save_overview(png_path, result: dict, rois) -> Path:
         coords = np.asarray(coords, np.float64).reshape(-1, 2)
         return np.concatenate([coords, coords + side], axis=1)
 
-    draw(patch_boxes(result["rejected_coords"]), (0, 0, 255), 1)
-    draw(patch_boxes(result["coords"]), (0, 200, 0), 1)
+    draw(patch_boxes(result.rejected_coords), (0, 0, 255), 1)
+    draw(patch_boxes(result.coords), (0, 200, 0), 1)
     draw(rois, (255, 0, 0), 2)
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
     ok, encoded = cv2.imencode(".png", image)
     if not ok:
-        raise SlideError(f"cannot encode overview for {result['slide']}")
+        raise SlideError(f"cannot encode overview for {result.slide}")
     tmp_path = png_path.with_name(png_path.name + ".tmp")
     tmp_path.write_bytes(encoded.tobytes())
     os.replace(tmp_path, png_path)

@@ -20,6 +20,7 @@ from common.slides import (
     save_overview,
     slide_mpp,
     tile_slide,
+    tile_tissue,
 )
 
 SLIDES = Path(__file__).resolve().parent / "data" / "slides"
@@ -33,6 +34,7 @@ CMU_ROI = (1000, 1500, 1600, 2500)  # epithelium and stroma on the CMU region
 class FakeSlide:
     def __init__(self, properties):
         self.properties = properties
+        self.dimensions = (40000, 30000)
 
 
 def direct_read(slide, x, y, level, size):
@@ -69,18 +71,24 @@ def test_slide_mpp_sources_and_missing_mpp_error():
     with pytest.raises(SlideError) as missing:
         slide_mpp(tcga, "tcga.svs")
     # The message names the real config keys (tile_dlbcl.*), so the user can paste them into --set.
-    assert str(missing.value) == ("slide tcga.svs has no openslide.mpp-x; set tile_dlbcl.mpp_override (um/px) "
-                                  "or enable tile_dlbcl.allow_objective_power")
+    assert str(missing.value) == ("slide tcga.svs (aperio, 4443 x 3567 px, no objective power) has no openslide.mpp-x; "
+                                  "set tile_dlbcl.mpp_override to its level-0 um/px: typical aperio scans are "
+                                  "0.50 um/px at 20x (the slide would be 2.2 x 1.8 mm) and 0.25 at 40x (1.1 x 0.9 mm)")
     assert slide_mpp(tcga, "tcga.svs", mpp_override=0.25) == 0.25
     with pytest.raises(SlideError, match="mpp_override must be a positive number"):
         slide_mpp(tcga, "tcga.svs", mpp_override=-1.0)
     # The metadata wins over the override; the objective-power fallback is off unless asked for.
     assert slide_mpp(open_slide(CMU), "cmu", mpp_override=0.25) == pytest.approx(0.499)
-    forty_x = FakeSlide({"openslide.objective-power": "40"})
+    forty_x = FakeSlide({"openslide.objective-power": "40", "openslide.vendor": "hamamatsu"})
     assert slide_mpp(forty_x, "f", allow_objective_power=True) == pytest.approx(0.25)
-    with pytest.raises(SlideError, match="no openslide.mpp-x"):
+    with pytest.raises(SlideError) as missing:
         slide_mpp(forty_x, "f")
-    with pytest.raises(SlideError, match=r"nor openslide.objective-power; set tile_dlbcl\.mpp_override \(um/px\)$"):
+    assert str(missing.value) == ("slide f (hamamatsu, 40000 x 30000 px, objective power 40x) has no openslide.mpp-x; "
+                                  "set tile_dlbcl.mpp_override to its level-0 um/px (hamamatsu scans at 40x are "
+                                  "usually about 0.23 um/px), or enable tile_dlbcl.allow_objective_power to use "
+                                  "10 / 40 = 0.25 um/px")
+    with pytest.raises(SlideError, match=r"^slide f \(unknown vendor, 40000 x 30000 px, no objective power\) has no "
+                                         r"openslide.mpp-x; .* 0.50 um/px at 20x \(the slide would be 20.0 x 15.0 mm"):
         slide_mpp(FakeSlide({}), "f", allow_objective_power=True)
 
 
@@ -129,13 +137,13 @@ def test_read_patches_at_a_lower_level_equal_direct_reads(tmp_path):
     result = tile_slide(tmp_path / "tissue.tiff", rois, ["r"], ["p"], target_mpp=1.0, patch_size_px=32,
                         quality={"hue_range": None, "saturation_range": None, "value_range": None},
                         negatives=False, max_read_px=100)
-    assert result["level"] == 1 and result["patch_level0_px"] == 128.0
-    assert len(result["x"]) == 49  # floor(1000 / 128) ** 2
-    written = np.stack([levels[1][y // 4:y // 4 + 32, x // 4:x // 4 + 32] for x, y in result["coords"]])
-    np.testing.assert_array_equal(result["x"], written)
+    assert result.grid.level == 1 and result.grid.patch_level0_px == 128.0
+    assert len(result.x) == 49  # floor(1000 / 128) ** 2
+    written = np.stack([levels[1][y // 4:y // 4 + 32, x // 4:x // 4 + 32] for x, y in result.coords])
+    np.testing.assert_array_equal(result.x, written)
     slide = open_slide(tmp_path / "tissue.tiff")
-    direct = np.stack([direct_read(slide, x, y, 1, 32) for x, y in result["coords"]])
-    np.testing.assert_array_equal(result["x"], direct)
+    direct = np.stack([direct_read(slide, x, y, 1, 32) for x, y in result.coords])
+    np.testing.assert_array_equal(result.x, direct)
 
 
 def composited_read(slide, x, y, level, size):
@@ -211,14 +219,14 @@ def test_cmu_single_level_pcam_scale_patches_inside_roi():
     rois = np.array([CMU_ROI])
     result = tile_slide(CMU, rois, ["roi0"], ["patient7"], negatives=False)
     downsample = 0.972 / 0.499
-    assert result["level"] == 0 and result["mpp"] == pytest.approx(0.972)
-    assert result["downsample"] == pytest.approx(1.948, abs=1e-3)
-    side = result["patch_level0_px"]
+    assert result.grid.level == 0 and result.grid.target_mpp == pytest.approx(0.972)
+    assert result.grid.downsample == pytest.approx(1.948, abs=1e-3)
+    side = result.grid.patch_level0_px
     assert side == pytest.approx(96 * downsample)
     # 600 x 1000 px ROI / 187 px patches: 3 x 5 grid, all tissue.
-    assert result["x"].shape == (15, 96, 96, 3) and result["counts"]["positive"]["kept"] == 15
-    assert (result["y"] == 1).all() and (result["group"] == "patient7").all()
-    xy = result["coords"]
+    assert result.x.shape == (15, 96, 96, 3) and result.counts["positive"]["kept"] == 15
+    assert (result.y == 1).all() and (result.group == "patient7").all()
+    xy = result.coords
     assert (xy[:, 0] >= CMU_ROI[0]).all() and (xy[:, 1] >= CMU_ROI[1]).all()
     assert (xy[:, 0] + side <= CMU_ROI[2]).all() and (xy[:, 1] + side <= CMU_ROI[3]).all()
     # Each patch is its own 187 px level-0 box shrunk with INTER_AREA, read and resized one by one.
@@ -226,7 +234,7 @@ def test_cmu_single_level_pcam_scale_patches_inside_roi():
     slide = open_slide(CMU)
     reference = np.stack([cv2.resize(direct_read(slide, x, y, 0, 187), (96, 96), interpolation=cv2.INTER_AREA)
                           for x, y in xy])
-    np.testing.assert_array_equal(result["x"], reference)
+    np.testing.assert_array_equal(result.x, reference)
 
 
 def test_reads_stay_bounded(monkeypatch):
@@ -244,24 +252,24 @@ def test_reads_stay_bounded(monkeypatch):
     sizes.clear()
     large = tile_slide(CMU, rois, ["r"], ["p"], max_read_px=4096, thumbnail_px=256)
     assert max(max(s) for s in sizes) > 400
-    np.testing.assert_array_equal(small["coords"], large["coords"])
-    np.testing.assert_array_equal(small["x"], large["x"])
+    np.testing.assert_array_equal(small.coords, large.coords)
+    np.testing.assert_array_equal(small.x, large.x)
     with pytest.raises(SlideError, match="max_read_px 100 is too small"):
         tile_slide(CMU, rois, ["r"], ["p"], max_read_px=100)
 
 
 def test_tcga_without_mpp_fails_clearly_and_works_with_override():
     rois = np.array([[1500, 1000, 2600, 2000]])
-    with pytest.raises(SlideError, match=r"slide tcga-cr-7395-01a-01-ts1\.svs has no openslide\.mpp-x"):
+    with pytest.raises(SlideError, match=r"^slide tcga-cr-7395-01a-01-ts1\.svs \(aperio, .*\) has no openslide\.mpp-x"):
         tile_slide(TCGA, rois, ["r"], ["p"])
     result = tile_slide(TCGA, rois, ["r"], ["p"], mpp_override=0.25, negatives=False)
     # wanted downsample 0.972 / 0.25 = 3.888: level 1 (2.0005), shrunk a further 1.94x.
-    assert result["level"] == 1
-    assert result["patch_level0_px"] == pytest.approx(96 * 3.888)
-    positive = result["counts"]["positive"]
+    assert result.grid.level == 1
+    assert result.grid.patch_level0_px == pytest.approx(96 * 3.888)
+    positive = result.counts["positive"]
     assert positive["kept"] + sum(positive["rejected"].values()) == 4  # floor(1100 / 373.2) * floor(1000 / 373.2)
-    assert positive["kept"] >= 3 and result["x"].shape == (positive["kept"], 96, 96, 3)
-    xy = result["coords"]
+    assert positive["kept"] >= 3 and result.x.shape == (positive["kept"], 96, 96, 3)
+    xy = result.coords
     assert (xy >= [1500, 1000]).all() and (xy + 96 * 3.888 <= [2600, 2000]).all()
 
 
@@ -271,9 +279,9 @@ def test_boxes_levels_from_target_mpp(factor, level):
     result = tile_slide(BOXES, np.array([[0, 0, 300, 250]]), ["r"], ["p"], target_mpp=float(mpp) * factor,
                         patch_size_px=8, negatives=False,
                         quality={"hue_range": None, "saturation_range": None, "value_range": None})
-    assert result["level"] == level
+    assert result.grid.level == level
     side = 8 * factor
-    assert len(result["x"]) == int(300 // side) * int(250 // side)
+    assert len(result.x) == int(300 // side) * int(250 // side)
 
 
 def test_bad_rois_are_skipped_with_reasons_and_counts():
@@ -288,7 +296,7 @@ def test_bad_rois_are_skipped_with_reasons_and_counts():
     ])
     ids = ["good", "outside", "reversed", "flat", "tiny", "glass", "edge"]
     result = tile_slide(CMU, rois, ids, [f"p{i}" for i in range(7)], negatives=False)
-    assert [(s["item"], s["reason"]) for s in result["skipped"]] == [
+    assert [(s["item"], s["reason"]) for s in result.skipped] == [
         ("cmu-1-small-region.svs:flat", "roi_empty"),
         ("cmu-1-small-region.svs:reversed", "roi_empty"),
         ("cmu-1-small-region.svs:outside", "roi_outside_slide"),
@@ -296,13 +304,13 @@ def test_bad_rois_are_skipped_with_reasons_and_counts():
         ("cmu-1-small-region.svs:tiny", "roi_smaller_than_patch"),
         ("cmu-1-small-region.svs:glass", "roi_all_patches_rejected"),
     ]
-    counts = result["counts"]
+    counts = result.counts
     assert counts["skipped"] == {"roi_empty": 2, "roi_outside_slide": 1, "roi_smaller_than_patch": 2,
                                  "roi_all_patches_rejected": 1}
     assert counts["rois_clipped"] == 1
     # 15 good patches kept; the glass ROI's 2 x 2 grid is rejected for low saturation.
     assert counts["positive"] == {"kept": 15, "rejected": {"low_saturation": 4}}
-    assert (result["group"] == "p0").all()
+    assert (result.group == "p0").all()
 
 
 def test_missing_and_unreadable_slides_raise(tmp_path):
@@ -319,23 +327,23 @@ def test_missing_and_unreadable_slides_raise(tmp_path):
 def test_negatives_are_tissue_outside_rois_with_one_group_per_tissue_piece(tmp_path):
     rois = np.array([[900, 600, 1500, 1200], [900, 2000, 1500, 2600]])
     result = tile_slide(CMU, rois, ["a", "b"], ["upper", "lower"], thumbnail_px=512)
-    negative = result["y"] == 0
-    side = result["patch_level0_px"]
-    xy = result["coords"][negative].astype(float)
-    assert negative.sum() >= 10 and result["counts"]["negative"]["kept"] == negative.sum()
+    negative = result.y == 0
+    side = result.grid.patch_level0_px
+    xy = result.coords[negative].astype(float)
+    assert negative.sum() >= 10 and result.counts["negative"]["kept"] == negative.sum()
     for x0, y0, x1, y1 in rois:
         overlap = (xy[:, 0] < x1) & (xy[:, 0] + side > x0) & (xy[:, 1] < y1) & (xy[:, 1] + side > y0)
         assert not overlap.any()
     # This region is one connected piece of tissue holding both ROIs: its negatives form one group
     # (nearest-ROI-per-patch would have split them at the middle row, 1600).
-    assert len(set(result["group"][negative])) == 1 and result["group"][negative][0] in {"upper", "lower"}
+    assert len(set(result.group[negative])) == 1 and result.group[negative][0] in {"upper", "lower"}
     # Kept negatives pass the DLBCL rule measured independently (unblurred HSV, OpenCV 8-bit).
-    hsv = cv2.cvtColor(result["x"][negative].reshape(-1, 96, 3), cv2.COLOR_RGB2HSV).reshape(-1, 96 * 96, 3)
+    hsv = cv2.cvtColor(result.x[negative].reshape(-1, 96, 3), cv2.COLOR_RGB2HSV).reshape(-1, 96 * 96, 3)
     assert (hsv[..., 1].mean(axis=1) / 255 > 0.065).all() and (hsv[..., 2].mean(axis=1) / 255 < 0.81).all()
 
     path = save_overview(tmp_path / "overview" / "cmu.png", result, rois)
     image = cv2.imread(str(path))
-    assert image.shape == result["thumbnail"].shape
+    assert image.shape == result.tissue.thumbnail.shape
     blue = (image[..., 0] == 255) & (image[..., 1] == 0) & (image[..., 2] == 0)
     green = (image[..., 0] == 0) & (image[..., 1] == 200) & (image[..., 2] == 0)
     assert blue.sum() > 100 and green.sum() > 100
@@ -343,7 +351,7 @@ def test_negatives_are_tissue_outside_rois_with_one_group_per_tissue_piece(tmp_p
 
 
 def test_an_unannotated_core_between_two_patients_stays_in_one_group():
-    from common.slides import _box_distance, _nearest_roi_per_component, _tissue_components
+    from common.slides import TissueMap, _box_distance, _nearest_roi_per_component
 
     # A 300 x 100 px thumbnail at scale 0.1 (level 0: 3000 x 1000) with three pink cores on white glass:
     # left (patient A's ROI), middle (no ROI), right (patient B's ROI).
@@ -353,7 +361,8 @@ def test_an_unannotated_core_between_two_patients_stays_in_one_group():
     rois = np.array([[300, 300, 700, 700], [2300, 300, 2700, 700]], np.float64)
     xs = np.arange(1200, 1800, 100, dtype=np.float64)  # middle core, left half nearer A, right half nearer B
     points = np.concatenate([np.stack([xs, np.full_like(xs, 500)], 1), [[150.0, 500.0], [2850.0, 500.0]]])
-    core = _tissue_components(thumbnail, 0.1, points, patch_level0_px=100)
+    hsv = cv2.cvtColor(thumbnail.astype(np.float32) / 255, cv2.COLOR_RGB2HSV)
+    core = TissueMap(thumbnail, 0.1, hsv[..., 1] > 0.07).pieces(points, patch_level0_px=100)
     assert len(set(core[:len(xs)])) == 1 and len(set(core)) == 3 and (core > 0).all()
     distance = _box_distance(points, rois)
     assert set(distance[:len(xs)].argmin(axis=1)) == {0, 1}  # per patch, the middle core would be split
@@ -362,3 +371,22 @@ def test_an_unannotated_core_between_two_patients_stays_in_one_group():
     assert nearest[len(xs)] == 0 and nearest[len(xs) + 1] == 1  # cores with an ROI keep their patient
     glass = _nearest_roi_per_component(distance, np.zeros(len(points), int))  # no tissue: per patch
     np.testing.assert_array_equal(glass, distance.argmin(axis=1))
+
+
+def test_tile_tissue_is_02s_grid_and_rules_without_rois():
+    """All tissue of a slide: the very cells, pixels and rejections of tile_slide on a slide without ROIs,
+    each with the tissue piece under its centre."""
+    tiles = tile_tissue(CMU, thumbnail_px=512)
+    no_rois = tile_slide(CMU, np.zeros((0, 4)), [], [], thumbnail_px=512)
+    assert tiles.grid == no_rois.grid and tiles.grid.level == 0 and tiles.grid.level_mpp == pytest.approx(0.499)
+    np.testing.assert_array_equal(tiles.coords, no_rois.coords)
+    np.testing.assert_array_equal(tiles.x, no_rois.x)
+    np.testing.assert_array_equal(tiles.rejected_coords, no_rois.rejected_coords)
+    np.testing.assert_array_equal(tiles.rejected_reason, no_rois.rejected_reason)
+    assert len(tiles.coords) > 50 and (no_rois.group == "cmu-1-small-region.svs").all()
+    # The CMU region's tissue is one connected piece (a speck of dirt elsewhere is another): one core id.
+    assert tiles.core.shape == (len(tiles.coords),) and len(set(tiles.core.tolist())) == 1 and tiles.core[0] > 0
+    # Cells of a slide-wide grid from (0, 0), 187.0 px apart.
+    step = tiles.grid.patch_level0_px
+    np.testing.assert_array_equal(tiles.coords % 1, 0)
+    np.testing.assert_allclose(tiles.coords / step, np.rint(tiles.coords / step), atol=0.01)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
+from common import cli
 from common.config import UserError
 from common.demo import write_demo_dlbcl
 from common.patchset import read_patch_set
@@ -67,7 +68,7 @@ def test_zero_patches_is_a_failure_with_a_summary(tmp_path: Path, tile_script):
               "run": {"name": "t", "output_root": str(tmp_path / "runs")},
               "data": {"dlbcl_dir": str(tmp_path / "dlbcl")}, "tile_dlbcl": {"workers": 1}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
-    assert tile_script.main(["--config", str(tmp_path / "c.yaml")]) == 1
+    assert cli.run(tile_script.main, ["--config", str(tmp_path / "c.yaml")]) == 2
     summary = json.loads((tmp_path / "runs" / "t" / "02_tile_dlbcl" / "summary.json").read_text())
     assert summary["n_patches"] == 0 and summary["skipped"][0]["reason"] == "missing_slide"
     assert summary["outputs"] == []
@@ -93,7 +94,8 @@ def run_02(tile_script, tmp_path: Path, demo_dlbcl: Path, rows: list[str], **til
               "run": {"name": "t", "output_root": str(tmp_path / "runs")},
               "data": {"dlbcl_dir": str(tmp_path / "dlbcl")}, "tile_dlbcl": {"workers": 1, **tile_dlbcl}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
-    return tile_script.main(["--config", str(tmp_path / "c.yaml")]), tmp_path / "runs" / "t" / "02_tile_dlbcl"
+    status = cli.run(tile_script.main, ["--config", str(tmp_path / "c.yaml")])
+    return status, tmp_path / "runs" / "t" / "02_tile_dlbcl"
 
 
 def last_error_line(capsys) -> str:
@@ -104,7 +106,7 @@ def last_error_line(capsys) -> str:
 def test_no_lymphoma_patch_fails_naming_the_class_and_reasons(tmp_path, tile_script, demo_dlbcl, capsys):
     outside = ["71177,TA101,HE,900000,900000,900500,900500", "71177,TA101,HE,800000,0,800500,500"]
     status, out = run_02(tile_script, tmp_path, demo_dlbcl, outside)
-    assert status == 1
+    assert status == 2
     summary = json.loads((out / "summary.json").read_text())
     assert summary["outputs"] == [] and summary["n_patches"] == 0 and not (out / "dlbcl.h5").exists()
     assert summary["found"]["lymphoma"] == 0 and summary["found"]["negative"] > 0  # negatives alone: no patch set
@@ -118,7 +120,7 @@ def test_no_negative_patch_fails_unless_negatives_are_off(tmp_path, tile_script,
     whole_slide = ["71177,TA101,HE,0,0,5248,2928"]  # every grid cell touches the ROI: no negative candidate
     status, out = run_02(tile_script, tmp_path / "on", demo_dlbcl, whole_slide)
     summary = json.loads((out / "summary.json").read_text())
-    assert status == 1 and summary["outputs"] == [] and summary["found"]["negative"] == 0
+    assert status == 2 and summary["outputs"] == [] and summary["found"]["negative"] == 0
     assert summary["found"]["lymphoma"] > 0
     assert last_error_line(capsys).startswith("error: no negative patches (")
 
@@ -133,7 +135,7 @@ def test_missing_slides_name_the_path_looked_for(tmp_path, tile_script, demo_dlb
     shutil.copytree(demo_dlbcl, tmp_path / "src")
     (tmp_path / "src" / "TMA" / "HE").rename(tmp_path / "src" / "TMA" / "H_E")  # the CSV still says HE
     status, out = run_02(tile_script, tmp_path, tmp_path / "src", ["71177,TA101,HE,833,676,1772,1947"])
-    assert status == 1
+    assert status == 2
     tma = tmp_path / "dlbcl" / "TMA"
     assert last_error_line(capsys).startswith(
         "error: no lymphoma and no negative patches (0 lymphoma, 0 negative from 0 of 1 slides); top reasons: "
@@ -141,12 +143,13 @@ def test_missing_slides_name_the_path_looked_for(tmp_path, tile_script, demo_dlb
         f"(folders in {tma}: H_E)")
 
 
-def test_unknown_stain_lists_the_stains_present(tmp_path, tile_script, demo_dlbcl):
+def test_unknown_stain_lists_the_stains_present(tmp_path, tile_script, demo_dlbcl, capsys):
     rows = ["71177,TA101,H&E,833,676,1772,1947", "71177,TA101,H&E,3193,658,4218,1965",
             "71177,TA101,CD10,873,716,1812,1987"]
-    with pytest.raises(UserError, match=r"no rows with stain 'HE' \(tile_dlbcl.stain\); "
-                                        r"stains present: 'H&E' \(2 rows\), 'CD10' \(1 rows\)$"):
-        run_02(tile_script, tmp_path, demo_dlbcl, rows)
+    assert run_02(tile_script, tmp_path, demo_dlbcl, rows)[0] == 2
+    csv_path = tmp_path / "dlbcl" / "TMA" / "annotations.csv"
+    assert last_error_line(capsys) == (f"error: {csv_path} has no rows with stain 'HE' (tile_dlbcl.stain); "
+                                       "stains present: 'H&E' (2 rows), 'CD10' (1 rows)")
 
 
 def test_blank_rows_are_ignored_not_malformed(tmp_path, tile_script):
@@ -156,3 +159,57 @@ def test_blank_rows_are_ignored_not_malformed(tmp_path, tile_script):
     assert by_slide == {"TA1": [(2, "1", (0, 0, 10, 10))]}
     assert [(s["item"], s["reason"]) for s in skipped] == [("annotations.csv row 6", "malformed_row")]
     assert stains == {"HE": 1}
+
+
+def test_annotation_columns_are_found_by_name(tmp_path, tile_script):
+    """Any column order, case and spaces, pat_id for patient_id, extra columns (a pandas index) ignored."""
+    reference = tmp_path / "reference.csv"
+    reference.write_text("patient_id,tma_id,stain,xs,ys,xe,ye\n7,TA1,HE,10,20,110,220\n8,TA2,HE,1,2,3,4\n")
+    expected = tile_script.read_annotations(reference, "HE")
+    assert expected[0] == {"TA1": [(2, "7", (10, 20, 110, 220))], "TA2": [(3, "8", (1, 2, 3, 4))]}
+    variants = {
+        "reordered": "tma_id,stain,patient_id,ys,xs,ye,xe\nTA1,HE,7,20,10,220,110\nTA2,HE,8,2,1,4,3\n",
+        "pandas_index": ",patient_id,tma_id,stain,xs,ys,xe,ye\n0,7,TA1,HE,10,20,110,220\n1,8,TA2,HE,1,2,3,4\n",
+        "names": " Pat_ID ,TMA id,Stain,XS,Ys , xe,YE,comment\n7,TA1,HE,10,20,110,220,ok\n8,TA2,HE,1,2,3,4,\n",
+    }
+    for name, text in variants.items():
+        (tmp_path / f"{name}.csv").write_text(text)
+        assert tile_script.read_annotations(tmp_path / f"{name}.csv", "HE") == expected, name
+
+
+def test_a_missing_annotation_column_is_one_line_naming_expected_and_found(tmp_path, tile_script):
+    path = tmp_path / "annotations.csv"
+    path.write_text("patient,tma_id,stain,xs,ys,xe\n7,TA1,HE,10,20,110\n")
+    with pytest.raises(UserError) as error:
+        tile_script.read_annotations(path, "HE")
+    assert str(error.value) == (
+        f"{path}: no 'patient_id' column; no 'ye' column; expected a header row with the columns "
+        "patient_id or pat_id, tma_id, stain, xs, ys, xe, ye (any order, case and spaces ignored), "
+        "found: 'patient', 'tma_id', 'stain', 'xs', 'ys', 'xe'")
+    path.write_text("1,TA1,HE,0,0,500,500\n")  # no header row
+    with pytest.raises(UserError, match=r"no 'patient_id' column; no 'tma_id' column.*found: '1', 'TA1', 'HE'"):
+        tile_script.read_annotations(path, "HE")
+
+
+def test_every_slide_without_mpp_is_exit_2_with_advice_that_fits_the_slide(tmp_path, tile_script, capsys):
+    """The real TCGA fixture (Aperio, 4443 x 3567 px, no mpp, no objective power) as the only slide."""
+    tma = tmp_path / "dlbcl" / "TMA"
+    (tma / "HE").mkdir(parents=True)
+    shutil.copy(ROOT / "tests" / "data" / "slides" / "tcga-cr-7395-01a-01-ts1.svs", tma / "HE" / "TA1.svs")
+    (tma / "annotations.csv").write_text("patient_id,tma_id,stain,xs,ys,xe,ye\n7,TA1,HE,1500,1000,2600,2000\n")
+    config = {"base": str(ROOT / "configs" / "demo.yaml"),
+              "run": {"name": "t", "output_root": str(tmp_path / "runs")},
+              "data": {"dlbcl_dir": str(tmp_path / "dlbcl")}, "tile_dlbcl": {"workers": 1}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert cli.run(tile_script.main, ["--config", str(tmp_path / "c.yaml")]) == 2
+    error = last_error_line(capsys)
+    assert error.startswith("error: no lymphoma and no negative patches (0 lymphoma, 0 negative from 0 of 1 slides); "
+                            "top reasons: slide_error 1; no slide could be tiled, slide TA1: slide TA1.svs (aperio, "
+                            "4443 x 3567 px, no objective power) has no openslide.mpp-x; set tile_dlbcl.mpp_override "
+                            "to its level-0 um/px: typical aperio scans are 0.50 um/px at 20x (the slide would be "
+                            "2.2 x 1.8 mm) and 0.25 at 40x (1.1 x 0.9 mm)")
+    summary = json.loads((tmp_path / "runs" / "t" / "02_tile_dlbcl" / "summary.json").read_text())
+    assert summary["outputs"] == [] and summary["skipped"][0]["reason"] == "slide_error"
+    config["tile_dlbcl"]["mpp_override"] = 0.25
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert cli.run(tile_script.main, ["--config", str(tmp_path / "c.yaml")]) == 0
