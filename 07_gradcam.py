@@ -65,7 +65,11 @@ def slide_maps(cfg: dict, model, meta: dict, device, folder: Path, split: dict) 
     if gc["slides"] is None:
         return None
     tma = Path(cfg["data"]["dlbcl_dir"]) / "TMA"
-    annotations = slidemap.read_annotations(tma / "annotations.csv", t["stain"])
+    csv_path = tma / "annotations.csv"
+    rows = slides.read_annotations(csv_path, t["stain"])[0] if csv_path.is_file() else {}
+    # {tma_id: (int64 (R, 4) ROI boxes, str (R,) patient ids)}; a slide outside annotations.csv has no ROIs
+    annotations = {k: (np.array([r[2] for r in v], np.int64), np.array([r[1] for r in v], str))
+                   for k, v in rows.items()}
     # A patient in both test and another split (a random split) is not a test patient.
     test_patients = set(split["group"][split["split"] == "test"]) - set(split["group"][split["split"] != "test"])
     if gc["slides"] == "test":
@@ -83,10 +87,7 @@ def slide_maps(cfg: dict, model, meta: dict, device, folder: Path, split: dict) 
         boxes, patients = annotations.get(path.stem, (None, None))
         try:
             smap, _ = slidemap.map_slide(
-                path, predict, normalizer, rois=boxes, roi_patients=patients, target_mpp=t["target_mpp"],
-                patch_size_px=t["patch_size_px"], mpp_override=t["mpp_override"],
-                allow_objective_power=t["allow_objective_power"], max_read_px=t["max_read_px"],
-                quality={"hue_range": None, "saturation_range": t["saturation_range"], "value_range": t["value_range"]},
+                path, predict, normalizer, rois=boxes, roi_patients=patients, **slides.tile_options(t),
                 device=str(device), cam=cam)
         except slides.SlideError as err:
             failed.append({"slide": str(path), "error": str(err)})

@@ -39,7 +39,6 @@ from tqdm import tqdm
 
 from common import engine, models, plots, slides
 from common.errors import UserError
-from common.filters import DLBCL_QUALITY, filter_patches
 from common.steps import atomic_path
 
 matplotlib.use("Agg")
@@ -114,22 +113,6 @@ def make_cam(model, mean, std, device: torch.device, batch_size: int = 64):
     return cam
 
 
-def tissue_grid(slide, patch_level0_px: float, thumbnail_px: int = 1024, max_read_px: int = 4096
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """02's negative candidates over the whole slide: grid cells that are mostly tissue, with their core.
-
-    Returns:
-        coords int64 (K, 2) level-0 top-left (a slide-wide ``roi_grid``), core int64 (K,) the tissue piece
-        under each cell centre (0 = none), thumbnail uint8 (h, w, 3), thumbnail px per level-0 px.
-    """
-    thumbnail, scale = slides.read_thumbnail(slide, thumbnail_px, max_read_px)
-    cells = slides.roi_grid((0, 0, *slide.dimensions), patch_level0_px)
-    cells = cells[slides._tissue_fraction(thumbnail, scale, cells, patch_level0_px)
-                  >= slides.NEGATIVE_MIN_TISSUE_FRACTION]
-    core = slides._tissue_components(thumbnail, scale, cells + patch_level0_px / 2, patch_level0_px)
-    return cells, core.astype(np.int64), thumbnail, scale
-
-
 def roi_flags(coords: np.ndarray, size_px: float, rois: np.ndarray) -> np.ndarray:
     """int8 (K,): 1 when a patch centre lies inside any ROI box (xe, ye exclusive), 0 otherwise; all -1
     when there are no ROIs (the slide is not annotated)."""
@@ -144,25 +127,25 @@ def roi_flags(coords: np.ndarray, size_px: float, rois: np.ndarray) -> np.ndarra
 
 def map_slide(path, predict, normalizer, *, rois=None, roi_patients=None, target_mpp: float = 0.972,
               patch_size_px: int = 96, mpp_override: float | None = None, allow_objective_power: bool = False,
-              max_read_px: int = 4096, quality: dict | None = None, batch_patches: int = 2048,
-              device: str = "cpu", cam=None, keep_patches: bool = False, progress: bool = True):
+              max_read_px: int = 4096, quality: dict | None = None, device: str = "cpu", cam=None,
+              keep_patches: bool = False, progress: bool = True):
     """Classify every tissue patch of a slide.
 
-    Tiling is 02's: a slide-wide grid of ``patch_size_px`` patches at ``target_mpp``, cells with >= 50 %
-    tissue on the thumbnail, read through ``slides.read_patches`` and kept by ``filter_patches(**quality)``
-    (default 02's ``DLBCL_QUALITY``). Kept patches are normalised by ``normalizer`` as 03 normalised the
-    training patches (``fit_scope="group"``: one stain estimate per tissue piece, per batch for a piece
-    larger than a batch) and classified by ``predict``. Candidates are read core by core, in row order
-    within a core, ``batch_patches`` at a time.
+    Tiling is 02's, through its public stages (``slides.slide_grid``, ``read_tissue``, ``tissue_cells``,
+    ``read_filtered``): a slide-wide grid of ``patch_size_px`` patches at ``target_mpp``, cells with >= 50 %
+    tissue on the thumbnail, kept by ``filter_patches(**quality)`` (default 02's ``DLBCL_QUALITY``), read
+    ``slides.PATCH_BATCH`` at a time through bounded strip reads. Kept patches are normalised by
+    ``normalizer`` as 03 normalised the training patches (``fit_scope="group"``: one stain estimate per
+    tissue piece, per batch for a piece larger than a batch) and classified by ``predict``. Candidates
+    go core by core, in row order within a core.
 
     Args:
         path: slide file.
         predict: uint8 (B, p, p, 3) -> float (B, C) probabilities (``make_predict``).
         normalizer: a fitted ``stain.Normalizer`` (03's ``<method>/normalizer.json``).
         rois, roi_patients: int (R, 4) level-0 boxes and R patient ids, or None (not annotated).
-        target_mpp, patch_size_px, mpp_override, allow_objective_power, max_read_px: as ``tile_slide``.
-        quality: ``filter_patches`` thresholds.
-        batch_patches: patches read, normalised and classified at a time (memory: ~28 kB each, twice).
+        target_mpp, patch_size_px, mpp_override, allow_objective_power, max_read_px, quality: as
+            ``slides.tile_slide`` (``slides.tile_options(cfg["tile_dlbcl"])`` gives 02's).
         device: torch device for the stain arithmetic.
         cam: optional ``cam(x, target)`` (``make_cam``) for Grad-CAM of the predicted class.
         keep_patches: also return the normalised patches uint8 (K, p, p, 3) (tests; unbounded memory).
@@ -174,38 +157,31 @@ def map_slide(path, predict, normalizer, *, rois=None, roi_patients=None, target
     Raises:
         SlideError: missing or unreadable slide, no scale, or a target finer than the slide.
     """
-    quality = DLBCL_QUALITY if quality is None else quality
     name = Path(path).name
     rois = np.asarray([] if rois is None else rois, np.int64).reshape(-1, 4)
     roi_patients = np.asarray([] if roi_patients is None else roi_patients, str)
     slide = slides.open_slide(path)
     try:
-        mpp = slides.slide_mpp(slide, name, mpp_override, allow_objective_power)
-        wanted = target_mpp / mpp
-        level = slides.pick_level(slide.level_downsamples, wanted)
-        level_downsample = float(slide.level_downsamples[level])
-        if abs(wanted / level_downsample - 1) < 1e-6:  # as tile_slide: read such a level without resampling
-            wanted = level_downsample
-        patch_level0_px = patch_size_px * wanted
-        dimensions = tuple(int(v) for v in slide.dimensions)
-        size_px = max(1, round(patch_level0_px / level_downsample)) * level_downsample
-        coords, core, thumbnail, scale = tissue_grid(slide, patch_level0_px, max_read_px=max_read_px)
+        grid = slides.slide_grid(slide, name, target_mpp=target_mpp, patch_size_px=patch_size_px,
+                                 mpp_override=mpp_override, allow_objective_power=allow_objective_power)
+        tissue = slides.read_tissue(slide, max_read_px=max_read_px)
+        coords = slides.tissue_cells(tissue, grid)
+        core = tissue.pieces(coords + grid.patch_level0_px / 2, grid.patch_level0_px).astype(np.int64)
         order = np.lexsort((coords[:, 0], coords[:, 1], core))
         coords, core = coords[order], core[order]
-        keep = np.zeros(len(coords), bool)
-        reasons, probs, cams, kept_x = Counter(), [], [], []
+        keep, reasons, probs, cams, kept_x, start = [], Counter(), [], [], [], 0
         bar = tqdm(total=len(coords), desc=f"map {name}", unit="patch", disable=not progress, leave=False)
-        for start in range(0, len(coords), batch_patches):
-            part = slice(start, start + batch_patches)
-            x = slides.read_patches(slide, coords[part], patch_level0_px, level, patch_size_px, max_read_px)
-            ok, reason = filter_patches(x, **quality)
+        for ok, reason, x in slides.read_filtered(slide, coords, grid, max_read_px=max_read_px, quality=quality):
+            groups = core[start:start + len(ok)][ok]
+            start += len(ok)
+            keep.append(ok)
             reasons.update(reason[~ok].tolist())
-            keep[part] = ok
-            x = normalizer.transform(x[ok], groups=core[part][ok], device=device) if ok.any() else x[ok]
-            p = predict(x) if len(x) else np.empty((0, 0), np.float32)
-            probs.append(p)
-            if cam is not None and len(x):
-                cams.append(cam(x, p.argmax(axis=1)))
+            x = normalizer.transform(x, groups=groups, device=device) if len(x) else x
+            p = predict(x) if len(x) else None
+            if p is not None:
+                probs.append(p)
+                if cam is not None:
+                    cams.append(cam(x, p.argmax(axis=1)))
             if keep_patches:
                 kept_x.append(x)
             bar.update(len(ok))
@@ -214,14 +190,15 @@ def map_slide(path, predict, normalizer, *, rois=None, roi_patients=None, target
         raise slides.SlideError(f"cannot read slide {name}: {exc}") from exc
     finally:
         slide.close()
-    probs = [p for p in probs if len(p)]
-    n_classes = probs[0].shape[1] if probs else 0
+    keep = np.concatenate([np.zeros(0, bool), *keep])
+    # The read side in level-0 px: whole level px, as slides.read_patches reads them.
+    level_downsample = grid.level_mpp / grid.mpp
+    size_px = max(1, round(grid.patch_level0_px / level_downsample)) * level_downsample
     coords = coords[keep]
-    smap = SlideMap(slide=name, dimensions=dimensions, coords=coords,
-                    size_px=float(size_px), core=core[keep],
-                    probs=np.concatenate(probs) if probs else np.zeros((0, n_classes), np.float32),
+    smap = SlideMap(slide=name, dimensions=(grid.width_px, grid.height_px), coords=coords, size_px=float(size_px),
+                    core=core[keep], probs=np.concatenate(probs) if probs else np.zeros((0, 0), np.float32),
                     roi=roi_flags(coords, size_px, rois), rois=rois, roi_patients=roi_patients,
-                    thumbnail=thumbnail, thumbnail_scale=scale, rejected=dict(reasons),
+                    thumbnail=tissue.thumbnail, thumbnail_scale=tissue.scale, rejected=dict(reasons),
                     cams=np.concatenate(cams) if cams else None)
     patches = np.concatenate(kept_x) if kept_x else None
     return smap, patches
@@ -411,29 +388,6 @@ def write_slide_map(folder: Path, smap: SlideMap, class_names: list[str], cores:
         save_slide_cam(folder / "slide_cam.png", smap)
         files.append("slide_cam.png")
     return {"patches": len(smap.coords), "cores": len(cores["core"]), "rejected": smap.rejected, "files": files}
-
-
-def read_annotations(path: Path, stain: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """ROI boxes of one stain per slide from a DLBCL-Morph ``annotations.csv`` (columns as 02 reads them:
-    patient id, tma_id, stain, xs, ys, xe, ye; a header row and malformed rows, which 02 reports, are
-    passed over).
-
-    Returns:
-        {tma_id: (int64 (R, 4) boxes, str (R,) patient ids)}; {} when the file does not exist.
-    """
-    if not Path(path).is_file():
-        return {}
-    with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f) if len(r) >= 7 and r[2].strip() == stain]
-    boxes: dict[str, list] = {}
-    for row in rows:
-        try:
-            box = [int(float(v)) for v in row[3:7]]
-        except ValueError:
-            continue
-        boxes.setdefault(row[1].strip(), []).append((box, row[0].strip()))
-    return {k: (np.array([b for b, _ in v], np.int64).reshape(-1, 4), np.array([p for _, p in v], str))
-            for k, v in boxes.items()}
 
 
 def score_maps(maps: list[tuple[SlideMap, dict]], class_names: list[str], roi_class: str,

@@ -19,7 +19,8 @@ CLASSES = ["negative", "breast", "lymphoma"]
 
 @pytest.fixture(scope="module")
 def cmu_map(tmp_path_factory):
-    """The CMU slide mapped by an untrained 3-class ResNet-18 after Reinhard, written to a folder."""
+    """The CMU slide mapped by an untrained 3-class ResNet-18 after Reinhard, written to a folder; read in
+    batches of 16 patches, so that batches end inside cores."""
     torch.manual_seed(0)
     model = models.build_model("resnet18", 3, "none").eval()
     mean, std = (0.7, 0.6, 0.7), (0.15, 0.2, 0.15)
@@ -27,8 +28,10 @@ def cmu_map(tmp_path_factory):
     target = cv2.cvtColor(cv2.imread(str(REAL / "he" / "tiatoolbox" / "target_image.png")), cv2.COLOR_BGR2RGB)
     normalizer = stain.make_normalizer("reinhard").fit(target)
     roi = np.array([[600, 900, 1500, 1800]])
-    smap, patches = slidemap.map_slide(CMU, predict, normalizer, rois=roi, roi_patients=["p1"], batch_patches=50,
-                                       keep_patches=True, progress=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(slides, "PATCH_BATCH", 16)
+        smap, patches = slidemap.map_slide(CMU, predict, normalizer, rois=roi, roi_patients=["p1"], keep_patches=True,
+                                           progress=False)
     folder = tmp_path_factory.mktemp("cmu")
     info = slidemap.write_slide_map(folder, smap, CLASSES)
     return {"smap": smap, "patches": patches, "folder": folder, "info": info, "predict": predict,
