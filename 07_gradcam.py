@@ -93,7 +93,7 @@ def slide_maps(cfg: dict, model, meta: dict, device, folder: Path, split: dict) 
             failed.append({"slide": str(path), "error": str(err)})
             print(f"   skipped slide {path}: {err}")
             continue
-        cores = slidemap.core_table(smap, classes)
+        cores = slidemap.core_table(smap, classes, gc["core_call_fraction"])
         written[path.stem] = slidemap.write_slide_map(folder / "slides" / path.stem, smap, classes, cores)
         maps.append((smap, cores))
     score = (slidemap.score_maps(maps, classes, gc["roi_class"], test_patients) if gc["roi_class"] in classes
@@ -105,9 +105,9 @@ def slide_maps(cfg: dict, model, meta: dict, device, folder: Path, split: dict) 
     per_slide = {} if score is None else score["per_slide"]
     for smap, _ in maps:
         s = per_slide.get(smap.slide, {})
+        auc, accuracy = (f"{s[k]:.3f}" if k in s else "" for k in ("auc", "core_accuracy"))
         lines.append(f"| {smap.slide} | {len(smap.coords)} | {written[Path(smap.slide).stem]['cores']} | "
-                     f"{s.get('n_roi_patches', '')} / {s.get('n_outside_patches', '')} | {s.get('auc', '')} | "
-                     f"{s.get('core_accuracy', '')} |")
+                     f"{s.get('n_roi_patches', '')} / {s.get('n_outside_patches', '')} | {auc} | {accuracy} |")
     if score is not None:
         lines.append(f"| all | | | {score['n_roi_patches']} / {score['n_outside_patches']} | {score['auc']:.3f} | "
                      f"{score['core_accuracy']:.3f} ({score['n_cores']} cores) |")

@@ -174,6 +174,7 @@ SCHEMA: dict[str, Any] = {
                      hint="null, test, or a non-empty list of slide paths"),
         "slide_cam": _f("bool"),
         "roi_class": _f("str"),
+        "core_call_fraction": _f("float", minimum=0.0, maximum=1.0),
     },
 }
 

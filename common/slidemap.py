@@ -204,20 +204,31 @@ def map_slide(path, predict, normalizer, *, rois=None, roi_patients=None, target
     return smap, patches
 
 
-def core_table(smap: SlideMap, class_names: list[str]) -> dict[str, np.ndarray]:
+def core_table(smap: SlideMap, class_names: list[str], call_fraction: float = 0.2) -> dict[str, np.ndarray]:
     """One row per tissue piece (core) with patches: its level-0 box, patch count, mean probabilities,
-    the call (class of the largest mean probability) and the patient of the ROIs whose patches lie in it
-    ("" when none; patients joined with ";" when ROIs of several patients share one piece).
+    the call and the patient of the ROIs whose patches lie in it.
+
+    The call is what a pathologist reads off a core: the non-negative class (class 0 is the negative
+    one, as in the patch-set labels) predicted for the most patches, when that is at least
+    ``call_fraction`` of the core's patches (a lymphoma focus in a core of normal node makes a lymphoma
+    core); else the negative class. ``call_fraction`` is the share of patches predicted as the call.
+    ``patient`` is "" when no ROI lies in the core, patients joined with ";" when ROIs of several
+    patients share one piece (cores closer than half a patch merge, see ``slides.TissueMap.pieces``).
 
     Returns:
         {"core": int (M,), "x0", "y0", "x1", "y1": int (M,), "n_patches": int (M,),
-         "p_<class>": float (M,), "call": str (M,), "patient": str (M,)}
+         "p_<class>": float (M,), "call": str (M,), "call_fraction": float (M,), "patient": str (M,)}
     """
     ids, inverse, counts = np.unique(smap.core, return_inverse=True, return_counts=True)
     m = len(ids)
     sums = np.zeros((m, len(class_names)))
     np.add.at(sums, inverse, smap.probs)
     means = sums / np.maximum(counts, 1)[:, None]
+    votes = np.zeros((m, len(class_names)))
+    np.add.at(votes, (inverse, smap.probs.argmax(axis=1)), 1)
+    shares = votes / np.maximum(counts, 1)[:, None]
+    top = 1 + shares[:, 1:].argmax(axis=1) if len(class_names) > 1 else np.zeros(m, np.int64)
+    call = np.where(shares[np.arange(m), top] >= call_fraction, top, 0)
     x0 = np.full(m, np.iinfo(np.int64).max)
     y0 = x0.copy()
     x1 = np.full(m, np.iinfo(np.int64).min)
@@ -240,7 +251,8 @@ def core_table(smap: SlideMap, class_names: list[str]) -> dict[str, np.ndarray]:
             patient[row] = ";".join(sorted(set(smap.roi_patients[core_has_roi[row]].tolist())))
     table = {"core": ids, "x0": x0, "y0": y0, "x1": x1, "y1": y1, "n_patches": counts}
     table.update({f"p_{c}": means[:, k] for k, c in enumerate(class_names)})
-    table["call"] = np.asarray(class_names, dtype=object)[means.argmax(axis=1)] if m else np.zeros(0, object)
+    table["call"] = np.asarray(class_names, dtype=object)[call]
+    table["call_fraction"] = shares[np.arange(m), call]
     table["patient"] = patient
     return table
 
@@ -307,7 +319,7 @@ def save_heatmap(path: Path, smap: SlideMap, class_names: list[str], calls: dict
     """heatmap.png: the thumbnail, each patch tinted with its predicted class's colour, opacity its
     probability (0.3 at chance .. 0.75 at 1); ROIs outlined in black; each core labelled with its call.
 
-    calls: core_table's columns (core boxes and calls) or None."""
+    calls: core_table's columns (core boxes and calls) plus "label" (text after the call), or None."""
     h, w = smap.thumbnail.shape[:2]
     image = smap.thumbnail.astype(np.float32)
     if len(smap.coords):
@@ -324,7 +336,8 @@ def save_heatmap(path: Path, smap: SlideMap, class_names: list[str], calls: dict
     fig, ax = plt.subplots(figsize=(8, 8 * h / max(w, 1) + 0.6))
     ax.imshow(image)
     ax.set_axis_off()
-    ax.set_title(f"{smap.slide}: predicted class (opacity = probability); black boxes = ROIs", fontsize=9)
+    ax.set_title(f"{smap.slide}: predicted class (opacity = probability); black boxes = ROIs;\n"
+                 "each core: its call and the share of its patches predicted so", fontsize=9)
     if calls is not None:
         for x0, y0, x1, call, p_text in zip(calls["x0"], calls["y0"], calls["x1"], calls["call"],
                                             calls["label"], strict=True):
@@ -376,10 +389,9 @@ def write_slide_map(folder: Path, smap: SlideMap, class_names: list[str], cores:
     folder.mkdir(parents=True, exist_ok=True)
     _write_csv(folder / "patches.csv", patches_columns(smap, class_names))
     cores = core_table(smap, class_names) if cores is None else cores
-    _write_csv(folder / "cores.csv", {k: (np.char.mod("%.4f", v.astype(np.float64)) if k.startswith("p_") else v)
-                                      for k, v in cores.items()})
-    best = np.stack([cores[f"p_{c}"] for c in class_names], axis=1).max(axis=1, initial=0.0)
-    labels = {**cores, "label": np.char.mod("%.2f", best)}
+    _write_csv(folder / "cores.csv", {k: (np.char.mod("%.4f", v.astype(np.float64)) if k.startswith(("p_", "call_"))
+                                          else v) for k, v in cores.items()})
+    labels = {**cores, "label": np.char.mod("%.0f%%", 100 * cores["call_fraction"])}
     save_heatmap(folder / "heatmap.png", smap, class_names, labels)
     with atomic_path(folder / "patches.geojson") as tmp:
         Path(tmp).write_text(json.dumps(geojson(smap, class_names), separators=(",", ":")))

@@ -110,6 +110,8 @@ def test_quality_rule_and_cores(cmu_map):
     cores = read_csv(cmu_map["folder"] / "cores.csv")
     assert cores["n_patches"].astype(int).sum() == len(smap.coords)
     assert set(cores["call"]) <= set(CLASSES)
+    assert list(cores) == ["core", "x0", "y0", "x1", "y1", "n_patches", "p_negative", "p_breast", "p_lymphoma", "call",
+                           "call_fraction", "patient"]
     # the core holding the ROI's patches names the ROI's patient; the box bounds its patches
     holder = np.unique(smap.core[smap.roi == 1])
     assert cores["patient"][np.isin(cores["core"].astype(int), holder)].tolist() == ["p1"] * len(holder)
@@ -151,6 +153,13 @@ def test_core_table_means_and_calls():
     table = slidemap.core_table(smap, CLASSES)
     assert table["core"].tolist() == [4, 7] and table["n_patches"].tolist() == [2, 2]
     assert np.allclose(table["p_lymphoma"], [0.8, 0.2]) and table["call"].tolist() == ["lymphoma", "negative"]
+    assert table["call_fraction"].tolist() == [1.0, 1.0]
+    # one lymphoma patch in five: called lymphoma from a fifth on (call_fraction 0.2), negative above it
+    focus = constructed_map([0.9, 0.1, 0.1, 0.2, 0.3], [-1] * 5, [1] * 5, np.zeros((0, 4)), [])
+    assert slidemap.core_table(focus, CLASSES, 0.2)["call"].tolist() == ["lymphoma"]
+    assert slidemap.core_table(focus, CLASSES, 0.2)["call_fraction"].tolist() == [0.2]
+    assert slidemap.core_table(focus, CLASSES, 0.25)["call"].tolist() == ["negative"]
+    assert slidemap.core_table(focus, CLASSES, 0.25)["call_fraction"].tolist() == [0.8]
     assert (table["x0"].tolist(), table["y0"].tolist(), table["x1"].tolist(), table["y1"].tolist()) == (
         [0, 100], [0, 50], [20, 110], [10, 70])
     assert table["patient"].tolist() == ["", ""]
