@@ -7,9 +7,14 @@ Reads (data.dlbcl_dir), the release as published:
     TMA/<stain>/<tma_id>.svs     the slides (OpenSlide), µm/px from openslide.mpp-x
 Writes (runs/<run>/02_tile_dlbcl/):
     dlbcl.h5                     patch set: y = 1 inside an ROI (lymphoma), 0 tissue outside every
-                                 ROI (the thesis's "remaining areas"); group = patient id; coords level-0
-    overview/<tma_id>.png        thumbnail with ROIs, kept (green) and rejected (red) patch boxes
-    summary.json                 counts per slide, and every skipped row, ROI or slide with its reason:
+                                 ROI (the thesis's "remaining areas"; tile_dlbcl.negatives), i.e.
+                                 unannotated tissue of lymphoma patients, not known to be benign;
+                                 group = patient id; coords level-0; with balance 50/50, and negatives
+                                 drawn before reading, one per kept lymphoma patch per slide
+    overview/<tma_id>.png        thumbnail with a title and a legend with counts: ROIs, kept lymphoma, kept
+                                 negatives, patches dropped by balance, patches rejected by the filter
+    summary.json                 `slides`: per slide the level read, its µm/px, patches read and kept;
+                                 `negatives_are`; counts, and every skipped row, ROI or slide with its reason:
                                  malformed_row, missing_slide, slide_error (unreadable, no mpp),
                                  roi_empty, roi_outside_slide, roi_smaller_than_patch,
                                  roi_all_patches_rejected; `outputs` lists dlbcl.h5 when this run wrote it
@@ -22,13 +27,15 @@ Usage:
 
 from __future__ import annotations
 
-import contextlib
+import json
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import h5py
 import numpy as np
 from tqdm import tqdm
 
@@ -36,9 +43,18 @@ from common import cli, slides
 from common.config import UserError
 from common.patchset import PatchSetWriter
 from common.slides import read_annotations
-from common.steps import begin_step, provenance, write_summary
+from common.steps import begin_step, check_free_space, provenance, write_summary
 
 STEP = "02_tile_dlbcl"
+# What label 0 is, by tile_dlbcl.negatives: DLBCL-Morph's ROIs mark lymphoma, about one per core, and the
+# rest of the tissue is unannotated tissue of the same lymphoma patients.
+NEGATIVES_ARE = {
+    "all": "unannotated tissue of lymphoma patients outside every ROI (other cores, core rims, the rest of "
+           "a core with a small ROI): not known to be benign",
+    "cores_without_roi": "tissue pieces (TMA cores) holding no ROI, of lymphoma patients: unannotated, "
+                         "not known to be benign",
+    "none": "no negatives were extracted (tile_dlbcl.negatives: none)",
+}
 
 
 def tile_one(job: dict) -> dict:
@@ -50,7 +66,7 @@ def tile_one(job: dict) -> dict:
         result = slides.tile_slide(
             job["path"], boxes,
             [f"{job['tma_id']} row {r[0]}" for r in rois], [r[1] for r in rois],
-            **slides.tile_options(t), negatives=t["negatives"])
+            **slides.tile_options(t), negatives=t["negatives"], balance=t["balance"], seed=job["seed"])
     except slides.SlideError as err:
         return {"tma_id": job["tma_id"], "error": str(err)}
     slides.save_overview(job["overview"], result, boxes)
@@ -58,17 +74,63 @@ def tile_one(job: dict) -> dict:
     return {"tma_id": job["tma_id"], "tiles": result}
 
 
-def balance(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Indices of a 50/50 subsample (the larger class subsampled), sorted; all indices when one class is
-    absent, which main() allows only with tile_dlbcl.negatives: false."""
-    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    n = min(len(pos), len(neg))
-    if n == 0:
-        return np.arange(len(y))
-    return np.sort(np.concatenate([rng.choice(pos, n, replace=False), rng.choice(neg, n, replace=False)]))
+def tile_in_order(jobs: list[dict], workers: int) -> Iterator[dict]:
+    """``tile_one`` over the jobs, results in job order, at most two per worker in flight, so that the
+    patches held at once are bounded by the workers, not by the number of slides."""
+    if workers == 1:  # in-process: simpler tracebacks, no pickling
+        yield from map(tile_one, jobs)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        for job in jobs:
+            pending.append(pool.submit(tile_one, job))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
-def failure_message(empty: list[str], found: dict[str, int], skipped: list[dict], parts: list,
+def estimate_bytes(jobs: list[dict], t: dict) -> float:
+    """Bytes dlbcl.h5 will take at most: the ROIs' grid cells, doubled with balance (one negative per
+    positive), else plus every cell of the slide; slides that cannot be opened count 0 (the workers
+    report them)."""
+    per_patch = 96 * 96 * 3 + 8 * 2 + 1 + 16  # pixels, coords, label, group string
+    n_patches = 0
+    for job in jobs:
+        try:
+            with slides.open_slide(job["path"]) as slide:
+                grid = slides.slide_grid(slide, Path(job["path"]).name, target_mpp=t["target_mpp"],
+                                         mpp_override=t["mpp_override"], scale_tolerance=t["scale_tolerance"],
+                                         allow_objective_power=t["allow_objective_power"])
+        except slides.SlideError:
+            continue
+        boxes = np.array([r[2] for r in job["rois"]], np.float64).reshape(-1, 4)
+        sides = np.clip(boxes[:, 2:] - boxes[:, :2], 0, None) // grid.patch_level0_px
+        positives = int(sides.prod(axis=1).sum())
+        n_patches += 2 * positives if t["balance"] else positives + len(grid.cells())
+    return n_patches * per_patch
+
+
+def trim_positives(path: Path, n_drop: int, rng: np.random.Generator) -> None:
+    """Remove ``n_drop`` random label-1 patches from a patch set, copying it in chunks (memory bounded)."""
+    with h5py.File(path, "r") as f:
+        y = f["y"][:]
+    keep = np.ones(len(y), bool)
+    keep[rng.choice(np.flatnonzero(y == 1), n_drop, replace=False)] = False
+    untrimmed = path.with_name(f".{path.stem}_untrimmed.h5")
+    path.replace(untrimmed)
+    with h5py.File(untrimmed, "r") as f, PatchSetWriter(
+            path, source=f.attrs["source"], split=f.attrs["split"], mpp=f.attrs["mpp"],
+            provenance=json.loads(f.attrs["provenance"])) as writer:
+        for start in range(0, len(y), 4096):
+            rows = slice(start, start + 4096)
+            chunk = keep[rows]
+            writer.append(f["x"][rows][chunk], f["y"][rows][chunk], f["group"].asstr()[rows][chunk],
+                          f["coords"][rows][chunk])
+    untrimmed.unlink()
+
+
+def failure_message(empty: list[str], found: dict[str, int], skipped: list[dict], parts: list[dict],
                     n_slides: int, missing_pattern: Path) -> str:
     """Why a class got no patch: the top skip and quality-filter reasons with counts, the slide path
     looked for when slides were missing (the usual cause: a stain folder named differently), and the
@@ -76,7 +138,7 @@ def failure_message(empty: list[str], found: dict[str, int], skipped: list[dict]
     reasons = Counter(s["reason"] for s in skipped)
     for cls in empty:
         for part in parts:
-            for reason, n in part.counts["positive" if cls == "lymphoma" else "negative"]["rejected"].items():
+            for reason, n in part["counts"]["positive" if cls == "lymphoma" else "negative"]["rejected"].items():
                 reasons[f"{cls}_patch_{reason}"] += n
     top = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common(3)) or "nothing was skipped or rejected"
     message = (f"no {' and no '.join(empty)} patches ({found['lymphoma']} lymphoma, {found['negative']} negative "
@@ -111,50 +173,58 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             skipped.append({"item": f"slide {tma_id}", "reason": "missing_slide", "detail": str(path)})
             continue
-        jobs.append({"tma_id": tma_id, "path": str(path), "rois": rois, "params": t,
+        jobs.append({"tma_id": tma_id, "path": str(path), "rois": rois, "params": t, "seed": cfg["run"]["seed"],
                      "overview": str(out / "overview" / f"{tma_id}.png")})
 
-    # ---- tile the slides in parallel; collect patches in slide order
+    # ---- tile the slides in parallel, streaming each slide's patches to the patch set
+    check_free_space(out, estimate_bytes(jobs, t), "dlbcl.h5",
+                     "free space there or point run.output_root at a larger disk")
     workers = min(t["workers"], max(1, len(jobs)))
-    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else contextlib.nullcontext() as pool:
-        mapped = pool.map(tile_one, jobs) if pool else map(tile_one, jobs)  # one worker: in-process
-        results = list(tqdm(mapped, total=len(jobs), desc="tile slides", unit="slide"))
-    per_slide, parts = {}, []
-    for res in results:
-        if "error" in res:
-            skipped.append({"item": f"slide {res['tma_id']}", "reason": "slide_error", "detail": res["error"]})
-            continue
-        tiles = res["tiles"]
-        skipped += tiles.skipped
-        per_slide[res["tma_id"]] = {"level": tiles.grid.level, "counts": tiles.counts, "kept": len(tiles.y)}
-        parts.append(tiles)
-
-    for item in skipped[:10]:
-        print(f"   skipped {item['item']}: {item['reason']} ({item.get('detail', '')})")
-
-    # ---- a patch set without lymphoma (or without the negatives asked for) trains nothing: fail loudly
-    y = np.concatenate([np.zeros(0, np.uint8), *(p.y for p in parts)]).astype(np.uint8)
-    found = {"lymphoma": int((y == 1).sum()), "negative": int((y == 0).sum())}
-    empty = [cls for cls in ("lymphoma", "negative") if found[cls] == 0 and (cls == "lymphoma" or t["negatives"])]
-    if empty:
-        message = failure_message(empty, found, skipped, parts, len(by_slide), tma / t["stain"] / "<tma_id>.svs")
-        write_summary(out, STEP, cfg, started, slides=per_slide, n_patches=0, found=found, skipped=skipped,
-                      error=message, outputs=[])
-        raise UserError(f"{message}; see {out / 'summary.json'}")
-    n_total = len(y)
-    x = np.concatenate([p.x for p in parts])
-    group = np.concatenate([p.group for p in parts])
-    coords = np.concatenate([p.coords for p in parts])
-    keep = balance(y, np.random.default_rng(cfg["run"]["seed"])) if t["balance"] else np.arange(len(y))
-
+    per_slide, found = [], {"lymphoma": 0, "negative": 0}
     with PatchSetWriter(out / "dlbcl.h5", source="dlbcl", split="all", mpp=t["target_mpp"],
                         provenance=provenance(cfg, STEP)) as writer:
-        writer.append(x[keep], y[keep], group[keep], coords[keep])
-    n_pos, n_neg = int((y[keep] == 1).sum()), int((y[keep] == 0).sum())
-    write_summary(out, STEP, cfg, started, slides=per_slide, n_patches=len(keep), n_positive=n_pos,
-                  n_negative=n_neg, n_before_balance=n_total, skipped=skipped, outputs=["dlbcl.h5"])
-    print(f"   wrote {len(keep)} patches ({n_pos} lymphoma, {n_neg} negative) from {len(parts)} slides; "
-          f"{len(skipped)} items skipped (see summary.json)")
+        for res in tqdm(tile_in_order(jobs, workers), total=len(jobs), desc="tile slides", unit="slide"):
+            if "error" in res:
+                skipped.append({"item": f"slide {res['tma_id']}", "reason": "slide_error", "detail": res["error"]})
+                continue
+            tiles = res["tiles"]
+            writer.append(tiles.x, tiles.y, tiles.group, tiles.coords)
+            skipped += tiles.skipped
+            found["lymphoma"] += int((tiles.y == 1).sum())
+            found["negative"] += int((tiles.y == 0).sum())
+            per_slide.append({"slide": res["tma_id"], "level": tiles.grid.level, "level_mpp": tiles.grid.level_mpp,
+                              "patches_read": tiles.patches_read, "patches_kept": len(tiles.y),
+                              "counts": tiles.counts})
+
+        for item in skipped[:10]:
+            print(f"   skipped {item['item']}: {item['reason']} ({item.get('detail', '')})")
+        # ---- a patch set without lymphoma (or without the negatives asked for) trains nothing: fail loudly
+        # (with balance, a slide without lymphoma reads no negatives: then only the lymphoma is missing)
+        wants_negatives = t["negatives"] != "none" and (found["lymphoma"] > 0 or not t["balance"])
+        empty = [cls for cls in ("lymphoma", "negative")
+                 if found[cls] == 0 and (cls == "lymphoma" or wants_negatives)]
+        if empty:
+            message = failure_message(empty, found, skipped, per_slide, len(by_slide),
+                                      tma / t["stain"] / "<tma_id>.svs")
+            write_summary(out, STEP, cfg, started, slides=per_slide, n_patches=0, found=found, skipped=skipped,
+                          error=message, outputs=[])
+            raise UserError(f"{message}; see {out / 'summary.json'}")  # the writer removes its partial file
+
+    n_pos, n_neg = found["lymphoma"], found["negative"]
+    if t["balance"] and 0 < n_neg < n_pos:
+        # Some slides had fewer usable negatives than lymphoma patches: drop lymphoma patches at random
+        # across all slides (one streaming copy of the file, only in this case) to keep 50/50.
+        trim_positives(out / "dlbcl.h5", n_pos - n_neg, np.random.default_rng(cfg["run"]["seed"]))
+        print(f"   balance: dropped {n_pos - n_neg} of {n_pos} lymphoma patches, since some slides have fewer "
+              "usable negatives than lymphoma patches (see tile_dlbcl.negatives)")
+        n_pos = n_neg
+    n_read = sum(s["patches_read"] for s in per_slide)
+    write_summary(out, STEP, cfg, started, n_patches=n_pos + n_neg, n_positive=n_pos, n_negative=n_neg,
+                  patches_read=n_read, negatives_are=NEGATIVES_ARE[t["negatives"]], slides=per_slide,
+                  skipped=skipped, outputs=["dlbcl.h5"])
+    print(f"   wrote {n_pos + n_neg} patches ({n_pos} lymphoma, {n_neg} negative) from {len(per_slide)} slides, "
+          f"{n_read} read; {len(skipped)} items skipped (see summary.json)")
+    print(f"   negatives: {NEGATIVES_ARE[t['negatives']]}")
     return 0
 
 

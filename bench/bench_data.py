@@ -27,6 +27,7 @@ import cv2
 import h5py
 import numpy as np
 import openslide
+import tifffile
 import torch
 from bench_timing import Result, Settings, compare, items_per_second, real_patches
 from PIL import Image
@@ -37,6 +38,7 @@ from common import data, demo, filters, models, slides
 
 SLIDE_MPP = 0.25  # um/px at level 0: a 40x scan like DLBCL-Morph's, read at level 0 and shrunk to 0.972
 BATCH_SIZE = 64  # the thesis's batch size
+TEXTURE = Path(__file__).resolve().parents[1] / "tests" / "data" / "he" / "tiatoolbox" / "target_image.png"
 
 
 def _hsv_means_one(patch: np.ndarray, blur_sigma_px: float) -> np.ndarray:
@@ -134,6 +136,79 @@ def bench_tiling(settings: Settings) -> Result:
                   extra={"read_patches_only": round(read_rate, 1), "read_patches_ratio": round(read_ratio, 3),
                          "read_patches_1_thread": round(one_thread_rate, 1), "read_threads": threads,
                          "max_abs_diff_levels": difference})
+
+
+def _write_tma_pyramid(path: Path, width: int, height: int, core_px: int, pitch_px: int) -> np.ndarray:
+    """A TMA-like tiled pyramidal TIFF (downsamples 1, 4, 16; zlib; 0.25 um/px): round cores of real H&E
+    texture (the tiled ``target_image.png``) on white glass, written tile by tile (never whole in memory).
+
+    Returns the core centres int (C, 2) in level-0 px."""
+    texture = cv2.cvtColor(cv2.imread(str(TEXTURE)), cv2.COLOR_BGR2RGB)
+    cols, rows = (width - pitch_px // 2) // pitch_px, (height - pitch_px // 2) // pitch_px
+    centres = np.stack(np.meshgrid(np.arange(cols), np.arange(rows)), -1).reshape(-1, 2) * pitch_px + pitch_px // 2
+    tile_px = 512
+
+    def tiles(factor: int):
+        small = cv2.resize(texture, (texture.shape[1] // factor, texture.shape[0] // factor),
+                           interpolation=cv2.INTER_AREA) if factor > 1 else texture
+        w, h = width // factor, height // factor
+        for ty in range(0, h, tile_px):
+            for tx in range(0, w, tile_px):
+                yy, xx = np.mgrid[ty:ty + tile_px, tx:tx + tile_px] * factor
+                # Distance to the nearest core centre of the regular grid.
+                cx = np.clip(np.rint((xx - pitch_px // 2) / pitch_px), 0, cols - 1) * pitch_px + pitch_px // 2
+                cy = np.clip(np.rint((yy - pitch_px // 2) / pitch_px), 0, rows - 1) * pitch_px + pitch_px // 2
+                inside = (xx - cx) ** 2 + (yy - cy) ** 2 < (core_px / 2) ** 2
+                tile = np.full((tile_px, tile_px, 3), 242, np.uint8)
+                if inside.any():
+                    pattern = small[(np.arange(ty, ty + tile_px) % small.shape[0])[:, None],
+                                    np.arange(tx, tx + tile_px) % small.shape[1]]
+                    tile[inside] = pattern[inside]
+                yield tile
+
+    resolution = (1e4 / SLIDE_MPP, 1e4 / SLIDE_MPP)
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        for index, factor in enumerate((1, 4, 16)):
+            tif.write(tiles(factor), shape=(height // factor, width // factor, 3), dtype=np.uint8,
+                      tile=(tile_px, tile_px), compression="zlib", compressionargs={"level": 1}, photometric="rgb",
+                      resolution=resolution, resolutionunit="CENTIMETER", subfiletype=1 if index else 0)
+    return centres
+
+
+def bench_tiling_full_slide(settings: Settings) -> Result:
+    """02's tiler on a 40k x 30k px pyramidal TMA slide at 0.25 um/px vs today's level-0 path.
+
+    Ours: ``tile_slide`` as 02 now runs it (``scale_tolerance`` 0.05: the 4x level is read and 93 px
+    enlarged to 96; ``balance``: one negative drawn per kept positive before reading). Baseline: the same
+    function as 02 ran it before (tolerance 0.01: level 0 read and 373 px shrunk to 96; every negative
+    candidate read, 02 then discarding most of them to balance). Slide opened afresh per call.
+    """
+    width, height = (12_000, 9_000) if settings.quick else (40_000, 30_000)
+    core_px, pitch_px = 4_000, 5_000  # 1.0 mm cores on a 1.25 mm pitch, as on a TMA
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tma.tiff"
+        centres = _write_tma_pyramid(path, width, height, core_px, pitch_px)
+        # One 1500 px (0.375 mm) ROI in every other core: 4 x 4 patches each.
+        rois = np.concatenate([centres[::2] - 750, centres[::2] + 750], axis=1)
+        ids, groups = [str(i) for i in range(len(rois))], [f"p{i}" for i in range(len(rois))]
+
+        def ours() -> slides.SlideTiles:
+            return slides.tile_slide(path, rois, ids, groups, balance=True)
+
+        def baseline() -> slides.SlideTiles:
+            return slides.tile_slide(path, rois, ids, groups, scale_tolerance=0.01, balance=False)
+
+        new, old = ours(), baseline()
+        ours_rate, baseline_rate = compare(ours, 1, baseline, 1, settings)
+    n_written_old = 2 * min((old.y == 1).sum(), (old.y == 0).sum())
+    return Result(ours_rate * 3600, baseline_rate * 3600, "slides/h", 5.0,
+                  note=f"{width} x {height} px at {SLIDE_MPP} um/px, {len(rois)} ROIs; ours level {new.grid.level} "
+                       f"({new.grid.level_mpp:.2f} um/px), {new.patches_read} patches read for {len(new.y)} kept; "
+                       f"baseline level {old.grid.level}, {old.patches_read} read for {n_written_old} kept after "
+                       "balance",
+                  extra={"ours_level": new.grid.level, "baseline_level": old.grid.level,
+                         "ours_patches_read": new.patches_read, "ours_patches_kept": len(new.y),
+                         "baseline_patches_read": old.patches_read, "baseline_patches_kept": int(n_written_old)})
 
 
 def _write_image_folder(folder: Path, patches: np.ndarray, labels: np.ndarray) -> None:

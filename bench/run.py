@@ -9,6 +9,7 @@ Benchmarks (name: ours vs baseline, unit):
     reinhard        common.stain batched vs staintools 2.1.2 per patch              patches/s
     filter          01's filter_patches vs a per-patch OpenCV loop                  patches/s
     tiling          02's tile_slide vs per-patch read_region on a generated slide    patches/s
+    tiling_full_slide  02's tiler vs its old level-0 path, 40k x 30k px TMA slide    slides/h
     input_pipeline  05's in-memory batches vs ImageFolder JPEGs + PIL + DataLoader  images/s
     patch_reads     data.read_patches vs h5py fancy indexing, 2 % scattered rows    patches/s
     train_step      05's train_one_epoch vs a plain fp32 loop (ResNet-18, 96 px)     images/s
@@ -44,6 +45,7 @@ BENCHMARKS = {
     "reinhard": ("bench_normalize", "bench_reinhard"),
     "filter": ("bench_data", "bench_filter"),
     "tiling": ("bench_data", "bench_tiling"),
+    "tiling_full_slide": ("bench_data", "bench_tiling_full_slide"),
     "input_pipeline": ("bench_data", "bench_input_pipeline"),
     "patch_reads": ("bench_data", "bench_patch_reads"),
     "train_step": ("bench_model", "bench_train_step"),

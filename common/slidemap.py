@@ -127,7 +127,8 @@ def roi_flags(coords: np.ndarray, size_px: float, rois: np.ndarray) -> np.ndarra
 
 def map_slide(path, predict, normalizer, *, rois=None, roi_patients=None, target_mpp: float = 0.972,
               patch_size_px: int = 96, mpp_override: float | None = None, allow_objective_power: bool = False,
-              max_read_px: int = 4096, quality: dict | None = None, device: str = "cpu", cam=None,
+              scale_tolerance: float = slides.SCALE_TOLERANCE, max_read_px: int = 4096, quality: dict | None = None,
+              device: str = "cpu", cam=None,
               keep_patches: bool = False, progress: bool = True):
     """Classify every tissue patch of a slide.
 
@@ -144,7 +145,7 @@ def map_slide(path, predict, normalizer, *, rois=None, roi_patients=None, target
         predict: uint8 (B, p, p, 3) -> float (B, C) probabilities (``make_predict``).
         normalizer: a fitted ``stain.Normalizer`` (03's ``<method>/normalizer.json``).
         rois, roi_patients: int (R, 4) level-0 boxes and R patient ids, or None (not annotated).
-        target_mpp, patch_size_px, mpp_override, allow_objective_power, max_read_px, quality: as
+        target_mpp, patch_size_px, mpp_override, allow_objective_power, scale_tolerance, max_read_px, quality: as
             ``slides.tile_slide`` (``slides.tile_options(cfg["tile_dlbcl"])`` gives 02's).
         device: torch device for the stain arithmetic.
         cam: optional ``cam(x, target)`` (``make_cam``) for Grad-CAM of the predicted class.
@@ -163,7 +164,8 @@ def map_slide(path, predict, normalizer, *, rois=None, roi_patients=None, target
     slide = slides.open_slide(path)
     try:
         grid = slides.slide_grid(slide, name, target_mpp=target_mpp, patch_size_px=patch_size_px,
-                                 mpp_override=mpp_override, allow_objective_power=allow_objective_power)
+                                 mpp_override=mpp_override, allow_objective_power=allow_objective_power,
+                                 scale_tolerance=scale_tolerance)
         tissue = slides.read_tissue(slide, max_read_px=max_read_px)
         coords = slides.tissue_cells(tissue, grid)
         core = tissue.pieces(coords + grid.patch_level0_px / 2, grid.patch_level0_px).astype(np.int64)
@@ -192,8 +194,7 @@ def map_slide(path, predict, normalizer, *, rois=None, roi_patients=None, target
         slide.close()
     keep = np.concatenate([np.zeros(0, bool), *keep])
     # The read side in level-0 px: whole level px, as slides.read_patches reads them.
-    level_downsample = grid.level_mpp / grid.mpp
-    size_px = max(1, round(grid.patch_level0_px / level_downsample)) * level_downsample
+    size_px = max(1, round(grid.patch_level0_px / grid.level_downsample)) * grid.level_downsample
     coords = coords[keep]
     smap = SlideMap(slide=name, dimensions=(grid.width_px, grid.height_px), coords=coords, size_px=float(size_px),
                     core=core[keep], probs=np.concatenate(probs) if probs else np.zeros((0, 0), np.float32),

@@ -35,6 +35,7 @@ import csv
 import math
 import os
 import re
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +53,9 @@ from common.filters import DLBCL_QUALITY, filter_patches
 TISSUE_MIN_SATURATION = 0.07
 # A grid cell counts as tissue (a negative candidate) when at least this fraction of it is tissue on the thumbnail.
 CELL_MIN_TISSUE_FRACTION = 0.5
+# Relative upsampling a pyramid level may need and still be read: PCam's own scale varies about 7 %
+# between its two Camelyon16 centres, so 5 % lets a 0.25 um/px slide read its 4x level for 0.972 um/px.
+SCALE_TOLERANCE = 0.05
 # Patches read and filtered per batch, so rejected pixels never pile up (~113 MB of 96 px patches).
 PATCH_BATCH = 4096
 
@@ -391,8 +395,9 @@ class Grid:
     """How one slide is tiled at the experiment scale: the level read and the patch size in level-0 px.
 
     ``slide`` file name; ``width_px``, ``height_px`` level-0 size; ``mpp`` level-0 um/px; ``target_mpp``
-    output um/px; ``level`` the pyramid level read and ``level_mpp`` its um/px; ``downsample`` level-0 px
-    per output px; ``patch_level0_px`` patch side in level-0 px; ``patch_size_px`` output side in px.
+    output um/px; ``level`` the pyramid level read, ``level_downsample`` its level-0 px per level px and
+    ``level_mpp`` its um/px; ``downsample`` level-0 px per output px; ``patch_level0_px`` patch side in
+    level-0 px; ``patch_size_px`` output side in px.
     """
 
     slide: str
@@ -401,19 +406,29 @@ class Grid:
     mpp: float
     target_mpp: float
     level: int
+    level_downsample: float
     level_mpp: float
     downsample: float
     patch_level0_px: float
     patch_size_px: int
 
+    def snap(self, coords: np.ndarray) -> np.ndarray:
+        """Level-0 corners int64 (K, 2) moved to the nearest whole pixel of the level read.
+
+        OpenSlide interpolates a region that starts between two pixels of the level, so a patch read at a
+        fractional level position would differ from the level's own pixels; snapped, a read at the level
+        starts on its pixel grid (exactly when the downsample is an integer). Level 0: unchanged."""
+        d = self.level_downsample
+        return np.rint(np.rint(np.asarray(coords, np.float64) / d) * d).astype(np.int64)
+
     def cells(self) -> np.ndarray:
         """Top-left corners int64 (K, 2), level-0 px, of the slide-wide grid of whole patches, row by row."""
-        return roi_grid((0, 0, self.width_px, self.height_px), self.patch_level0_px)
+        return self.snap(roi_grid((0, 0, self.width_px, self.height_px), self.patch_level0_px))
 
 
 def slide_grid(slide, name: str, *, target_mpp: float = 0.972, patch_size_px: int = 96,
                mpp_override: float | None = None, allow_objective_power: bool = False,
-               scale_tolerance: float = 0.01) -> Grid:
+               scale_tolerance: float = SCALE_TOLERANCE) -> Grid:
     """The slide's scale, the pyramid level to read (``pick_level``) and the patch side in level-0 px.
 
     Raises:
@@ -427,8 +442,8 @@ def slide_grid(slide, name: str, *, target_mpp: float = 0.972, patch_size_px: in
     if abs(wanted / level_downsample - 1) < 1e-6:
         wanted = level_downsample
     width, height = slide.dimensions
-    return Grid(name, int(width), int(height), mpp, float(target_mpp), level, mpp * level_downsample, wanted,
-                patch_size_px * wanted, patch_size_px)
+    return Grid(name, int(width), int(height), mpp, float(target_mpp), level, level_downsample,
+                mpp * level_downsample, wanted, patch_size_px * wanted, patch_size_px)
 
 
 def tile_options(tile_dlbcl: dict) -> dict:
@@ -436,7 +451,8 @@ def tile_options(tile_dlbcl: dict) -> dict:
     every user of 02's grid (02 itself, whole-slide maps) tiles at the same scale with the same rules."""
     t = tile_dlbcl
     return {"target_mpp": t["target_mpp"], "mpp_override": t["mpp_override"],
-            "allow_objective_power": t["allow_objective_power"], "max_read_px": t["max_read_px"],
+            "allow_objective_power": t["allow_objective_power"], "scale_tolerance": t["scale_tolerance"],
+            "max_read_px": t["max_read_px"],
             "quality": {"hue_range": None, "saturation_range": t["saturation_range"], "value_range": t["value_range"]}}
 
 
@@ -557,7 +573,7 @@ class TissueTiles:
 
 
 def tile_tissue(path, *, target_mpp: float = 0.972, patch_size_px: int = 96, mpp_override: float | None = None,
-                allow_objective_power: bool = False, scale_tolerance: float = 0.01, max_read_px: int = 4096,
+                allow_objective_power: bool = False, scale_tolerance: float = SCALE_TOLERANCE, max_read_px: int = 4096,
                 quality: dict | None = None, thumbnail_px: int = 1024) -> TissueTiles:
     """Tile all tissue of a slide on 02's grid with 02's tissue and quality rules, ROIs ignored.
 
@@ -607,7 +623,7 @@ def _roi_cells(rois: np.ndarray, roi_ids: list[str], grid: Grid) -> tuple[np.nda
             skipped.append({"item": item, "reason": "roi_outside_slide",
                             "detail": f"box {roi.tolist()} lies outside the slide ({width} x {height} px)"})
         else:
-            cells = roi_grid(clipped[index], grid.patch_level0_px)
+            cells = grid.snap(roi_grid(clipped[index], grid.patch_level0_px))
             if len(cells) == 0:
                 skipped.append({"item": item, "reason": "roi_smaller_than_patch",
                                 "detail": f"box {roi.tolist()} holds no {grid.patch_level0_px:.1f} px patch"})
@@ -652,6 +668,68 @@ def _negative_groups(tissue: TissueMap, grid: Grid, coords: np.ndarray, boxes: n
     return box_groups[_nearest_roi_per_component(_box_distance(centres, boxes.astype(np.float64)), core)]
 
 
+NEGATIVE_MODES = ("all", "cores_without_roi", "none")
+
+
+def _negative_candidates(tissue: TissueMap, grid: Grid, boxes: np.ndarray, positive_coords: np.ndarray,
+                         mode: str) -> np.ndarray:
+    """Negative candidate cells int64 (K, 2), row by row: tissue cells that intersect no ROI box (R, 4)
+    (``all``), and only on tissue pieces holding no ROI (``cores_without_roi``), or none (``none``).
+
+    A piece holds an ROI when the centre of one of the ROI's positive cells, or of the box, lies on it."""
+    if mode not in NEGATIVE_MODES:
+        raise SlideError(f"negatives must be one of {', '.join(NEGATIVE_MODES)}, got {mode!r}")
+    if mode == "none":
+        return np.zeros((0, 2), np.int64)
+    cells = tissue_cells(tissue, grid)
+    cells = cells[_outside_boxes(cells, grid.patch_level0_px, boxes)]
+    if mode == "cores_without_roi" and len(boxes):
+        side = grid.patch_level0_px
+        points = np.concatenate([positive_coords + side / 2, (boxes[:, :2] + boxes[:, 2:]) / 2])
+        with_roi = np.setdiff1d(tissue.pieces(points, side), [0])
+        cells = cells[~np.isin(tissue.pieces(cells + side / 2, side), with_roi)]
+    return cells
+
+
+def _sample_negatives(slide, candidates: np.ndarray, n_wanted: int, grid: Grid, max_read_px: int,
+                      quality: dict | None, rng: np.random.Generator) -> dict:
+    """Read random candidates in rounds until ``n_wanted`` pass the quality filter (or none are left).
+
+    Each round draws the candidates still needed divided by the pass rate seen so far, plus 10 % and 8,
+    so that a round or two usually suffice and few patches are read only to be dropped.
+
+    Returns dict of int index arrays into ``candidates``: ``kept`` (n_wanted or fewer), ``rejected`` with
+    ``reason`` (str), ``dropped`` (read and passed but beyond n_wanted, or never drawn), and the kept
+    patches ``x`` in the order of ``kept``; ``n_read``.
+    """
+    order = rng.permutation(len(candidates))
+    kept, kept_x, rejected, reason, surplus = [], [], [], [], []
+    n_kept = n_read = drawn = 0
+    while n_kept < n_wanted and drawn < len(order):
+        pass_rate = max(n_kept / n_read, 0.05) if n_read else 1.0
+        n = min(len(order) - drawn, math.ceil((n_wanted - n_kept) / pass_rate * 1.1) + 8)
+        batch = np.sort(order[drawn:drawn + n])
+        drawn += n
+        keep, why, x = _read_all(slide, candidates[batch], grid, max_read_px, quality)
+        n_read += n
+        take = np.flatnonzero(keep)
+        extra = rng.permutation(len(take))[n_wanted - n_kept:]  # beyond the need: dropped, at random
+        used = np.setdiff1d(np.arange(len(take)), extra)
+        kept.append(batch[take[used]])
+        kept_x.append(x[used])
+        surplus.append(batch[take[extra]])
+        rejected.append(batch[~keep])
+        reason.append(why[~keep])
+        n_kept += len(used)
+    p = grid.patch_size_px
+    return {"kept": np.concatenate([np.zeros(0, np.int64), *kept]),
+            "x": np.concatenate([np.empty((0, p, p, 3), np.uint8), *kept_x]),
+            "rejected": np.concatenate([np.zeros(0, np.int64), *rejected]),
+            "reason": np.concatenate([np.zeros(0, "<U1"), *reason]),
+            "dropped": np.sort(np.concatenate([np.zeros(0, np.int64), *surplus, order[drawn:]])),
+            "n_read": n_read}
+
+
 @dataclass
 class SlideTiles:
     """What ``tile_slide`` returns for one slide.
@@ -659,10 +737,12 @@ class SlideTiles:
     ``x`` uint8 (K, p, p, 3) kept patches, positives first; ``y`` uint8 (K,) 1 positive / 0 negative;
     ``group`` str (K,); ``coords`` int64 (K, 2) level-0 top-left; ``rejected_coords`` (M, 2),
     ``rejected_y`` (M,), ``rejected_reason`` str (M,) for patches the quality filter rejected;
-    ``counts`` {"positive"/"negative": {"kept": n, "rejected": {reason: n}}, "skipped": {reason: n},
-    "rois_clipped": n}; ``skipped`` [{"item": "<slide>:<roi id>", "reason": code, "detail": text}] with
-    codes roi_empty (xs >= xe or ys >= ye), roi_outside_slide, roi_smaller_than_patch,
-    roi_all_patches_rejected; ``tissue`` the thumbnail and its tissue mask (None once dropped).
+    ``dropped_coords`` (D, 2), ``dropped_y`` (D,) for cells left out by the balance (most never read);
+    ``patches_read`` patches read from the slide; ``counts`` {"positive"/"negative": {"kept": n,
+    "rejected": {reason: n}} (negative also "dropped": n), "skipped": {reason: n}, "rois_clipped": n}; ``skipped``
+    [{"item": "<slide>:<roi id>", "reason": code, "detail": text}] with codes roi_empty (xs >= xe or
+    ys >= ye), roi_outside_slide, roi_smaller_than_patch, roi_all_patches_rejected; ``tissue`` the
+    thumbnail and its tissue mask (None once dropped).
     """
 
     grid: Grid
@@ -673,6 +753,9 @@ class SlideTiles:
     rejected_coords: np.ndarray
     rejected_y: np.ndarray
     rejected_reason: np.ndarray
+    dropped_coords: np.ndarray
+    dropped_y: np.ndarray
+    patches_read: int
     counts: dict
     skipped: list
     tissue: TissueMap | None
@@ -687,15 +770,19 @@ _SKIP_ORDER = {"roi_empty": 0, "roi_outside_slide": 1, "roi_smaller_than_patch":
 
 def tile_slide(path, rois, roi_ids: list[str], groups: list[str], *, target_mpp: float = 0.972,
                patch_size_px: int = 96, mpp_override: float | None = None,
-               allow_objective_power: bool = False, scale_tolerance: float = 0.01, max_read_px: int = 4096,
-               quality: dict | None = None, negatives: bool = True, thumbnail_px: int = 1024) -> SlideTiles:
+               allow_objective_power: bool = False, scale_tolerance: float = SCALE_TOLERANCE,
+               max_read_px: int = 4096, quality: dict | None = None, negatives: str = "all",
+               balance: bool = False, seed: int = 0, thumbnail_px: int = 1024) -> SlideTiles:
     """Tile one slide: positives on a grid inside each ROI, negatives on tissue outside all ROIs.
 
     Stages: the grid (``slide_grid``); the tissue map (``read_tissue``); positive cells (``roi_grid`` of
-    each ROI clipped to the slide, group = the ROI's group) and negative cells (``tissue_cells`` that
-    intersect no well-formed ROI); one read and quality filter (``read_filtered``) over both, so
-    neighbours share slide tiles; negative groups (the group of the ROI nearest to the negative's
-    tissue piece, or the slide's file name when the slide has no well-formed ROI).
+    each ROI clipped to the slide, group = the ROI's group) and negative candidates (tissue cells that
+    intersect no well-formed ROI; see ``negatives``); read and quality filter (``read_filtered``) --
+    without ``balance`` positives and every candidate in one pass, so neighbours share slide tiles;
+    with it the positives, then only as many random candidates as needed for one negative per kept
+    positive (``_sample_negatives``), so negatives that would be thrown away are never read; negative
+    groups (the group of the ROI nearest to the negative's tissue piece, or the slide's file name when
+    the slide has no well-formed ROI).
 
     Args:
         path: slide file.
@@ -709,7 +796,11 @@ def tile_slide(path, rois, roi_ids: list[str], groups: list[str], *, target_mpp:
         scale_tolerance: relative upsampling a pyramid level may need and still be read (``pick_level``).
         max_read_px: largest region side read at once, in px of the level read.
         quality: thresholds for ``filter_patches``; default ``DLBCL_QUALITY`` (S > 0.07, V < 0.8).
-        negatives: also extract negatives.
+        negatives: ``all`` tissue outside every ROI, ``cores_without_roi`` only tissue pieces (cores)
+            that hold no ROI, or ``none``.
+        balance: as many negatives as kept positives on this slide (fewer where the slide has fewer);
+            the positives are all kept.
+        seed: seeds the negative sample, together with the slide's file name.
         thumbnail_px: longest thumbnail side in px.
 
     Returns:
@@ -729,80 +820,142 @@ def tile_slide(path, rois, roi_ids: list[str], groups: list[str], *, target_mpp:
         grid = slide_grid(slide, name, target_mpp=target_mpp, patch_size_px=patch_size_px, mpp_override=mpp_override,
                           allow_objective_power=allow_objective_power, scale_tolerance=scale_tolerance)
         tissue = read_tissue(slide, thumbnail_px, max_read_px)
-        # ---- positive cells inside the ROIs, negative cells on tissue that touches no ROI
+        # ---- positive cells inside the ROIs, negative candidates on tissue that touches no ROI
         pos_coords, pos_roi, skipped, rois_clipped = _roi_cells(rois, roi_ids, grid)
-        neg_coords = np.zeros((0, 2), np.int64)
-        if negatives:
-            neg_coords = tissue_cells(tissue, grid)
-            neg_coords = neg_coords[_outside_boxes(neg_coords, grid.patch_level0_px, rois[well_formed])]
-        # ---- read and filter both in one pass
-        keep, reason, kept_x = _read_all(slide, np.concatenate([pos_coords, neg_coords]), grid, max_read_px, quality)
+        candidates = _negative_candidates(tissue, grid, rois[well_formed], pos_coords, negatives)
+        # ---- read and filter: everything in one pass, or positives and then a sample of negatives
+        n_pos = len(pos_coords)
+        if balance:
+            pos_keep, pos_reason, pos_x = _read_all(slide, pos_coords, grid, max_read_px, quality)
+            rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+            sample = _sample_negatives(slide, candidates, int(pos_keep.sum()), grid, max_read_px, quality, rng)
+        else:
+            keep, reason, kept_x = _read_all(slide, np.concatenate([pos_coords, candidates]), grid, max_read_px,
+                                             quality)
+            pos_keep, pos_reason, pos_x = keep[:n_pos], reason[:n_pos], kept_x[:int(keep[:n_pos].sum())]
+            sample = {"kept": np.flatnonzero(keep[n_pos:]), "x": kept_x[len(pos_x):],
+                      "rejected": np.flatnonzero(~keep[n_pos:]), "reason": reason[n_pos:][~keep[n_pos:]],
+                      "dropped": np.zeros(0, np.int64), "n_read": len(candidates)}
     except openslide.OpenSlideError as exc:
         raise SlideError(f"cannot read slide {name}: {exc}") from exc
     finally:
         slide.close()
 
-    pos_keep, neg_keep = keep[:len(pos_coords)], keep[len(pos_coords):]
-    pos_reason, neg_reason = reason[:len(pos_coords)], reason[len(pos_coords):]
+    # Kept negatives in the slide's row order, whatever order they were drawn in.
+    row_order = np.lexsort((candidates[sample["kept"], 0], candidates[sample["kept"], 1]))
+    neg_coords, neg_x = candidates[sample["kept"]][row_order], sample["x"][row_order]
+    rejected_neg, rejected_neg_reason = candidates[sample["rejected"]], sample["reason"]
     kept_per_roi = np.bincount(pos_roi[pos_keep], minlength=len(rois))
     tried_per_roi = np.bincount(pos_roi, minlength=len(rois))
     for index in np.flatnonzero((tried_per_roi > 0) & (kept_per_roi == 0)):
         skipped.append({"item": f"{name}:{roi_ids[index]}", "reason": "roi_all_patches_rejected",
                         "detail": f"all {tried_per_roi[index]} patches failed the quality filter"})
     group_array = np.asarray(groups, dtype=str)
-    neg_groups = _negative_groups(tissue, grid, neg_coords[neg_keep], rois[well_formed], group_array[well_formed])
-    n_pos, n_neg = int(pos_keep.sum()), int(neg_keep.sum())
+    neg_groups = _negative_groups(tissue, grid, neg_coords, rois[well_formed], group_array[well_formed])
+    n_pos_kept, n_neg_kept, n_dropped = int(pos_keep.sum()), len(neg_coords), len(sample["dropped"])
     counts = {
-        "positive": {"kept": n_pos, "rejected": dict(Counter(pos_reason[~pos_keep].tolist()))},
-        "negative": {"kept": n_neg, "rejected": dict(Counter(neg_reason[~neg_keep].tolist()))},
+        "positive": {"kept": n_pos_kept, "rejected": dict(Counter(pos_reason[~pos_keep].tolist()))},
+        "negative": {"kept": n_neg_kept, "rejected": dict(Counter(rejected_neg_reason.tolist())),
+                     "dropped": n_dropped},
         "skipped": dict(Counter(s["reason"] for s in skipped)),
         "rois_clipped": rois_clipped,
     }
     return SlideTiles(
-        grid=grid, x=kept_x,
-        y=np.repeat(np.array([1, 0], np.uint8), [n_pos, n_neg]),
+        grid=grid, x=np.concatenate([pos_x, neg_x]),
+        y=np.repeat(np.array([1, 0], np.uint8), [n_pos_kept, n_neg_kept]),
         group=np.concatenate([group_array[pos_roi[pos_keep]], neg_groups]).astype(str),
-        coords=np.concatenate([pos_coords[pos_keep], neg_coords[neg_keep]]),
-        rejected_coords=np.concatenate([pos_coords[~pos_keep], neg_coords[~neg_keep]]),
-        rejected_y=np.repeat(np.array([1, 0], np.uint8), [int((~pos_keep).sum()), int((~neg_keep).sum())]),
-        rejected_reason=np.concatenate([pos_reason[~pos_keep], neg_reason[~neg_keep]]).astype(str),
-        counts=counts, skipped=sorted(skipped, key=lambda s: (_SKIP_ORDER[s["reason"]], s["item"])), tissue=tissue)
+        coords=np.concatenate([pos_coords[pos_keep], neg_coords]),
+        rejected_coords=np.concatenate([pos_coords[~pos_keep], rejected_neg]),
+        rejected_y=np.repeat(np.array([1, 0], np.uint8), [int((~pos_keep).sum()), len(rejected_neg)]),
+        rejected_reason=np.concatenate([pos_reason[~pos_keep], rejected_neg_reason]).astype(str),
+        dropped_coords=candidates[sample["dropped"]], dropped_y=np.zeros(n_dropped, np.uint8),
+        patches_read=n_pos + sample["n_read"], counts=counts,
+        skipped=sorted(skipped, key=lambda s: (_SKIP_ORDER[s["reason"]], s["item"])), tissue=tissue)
+
+
+# Overview colours (RGB), from the Okabe-Ito palette that stays distinct under colour-vision deficiency.
+OVERVIEW_COLOURS = {
+    "roi": (0, 114, 178),        # blue
+    "positive": (213, 94, 0),    # vermillion
+    "negative": (0, 158, 115),   # bluish green
+    "dropped": (240, 228, 66),   # yellow
+    "rejected": (204, 121, 167),  # reddish purple
+}
+OVERVIEW_TITLE_PX = 30  # rows above the map
+_LEGEND_ROW_PX = 20
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def overview_image(result: SlideTiles, rois) -> np.ndarray:
+    """The slide overview as uint8 (h, w, 3) RGB: a title, the thumbnail with every patch drawn in its
+    category's colour (a 35 % tint and a 1 px outline of the exact colour), ROIs as 2 px outlines on top,
+    and a legend with counts. The map starts ``OVERVIEW_TITLE_PX`` rows down at column 0, at the
+    thumbnail's own scale (``result.tissue.scale`` px per level-0 px).
+
+    Args:
+        result: a ``tile_slide`` result with its ``tissue``.
+        rois: int (R, 4) level-0 boxes as given to ``tile_slide``.
+    """
+    rois = np.asarray(rois, np.float64).reshape(-1, 4)
+    image = result.tissue.thumbnail.copy()
+    scale, side = result.tissue.scale, result.grid.patch_level0_px
+
+    def corners(boxes: np.ndarray) -> np.ndarray:
+        c = np.rint(np.asarray(boxes, np.float64).reshape(-1, 4) * scale).astype(np.int32)
+        c[:, 2:] = np.maximum(c[:, :2], c[:, 2:] - 1)
+        return c
+
+    def outline(c: np.ndarray, rgb: tuple[int, int, int], thickness: int) -> None:
+        # One polylines call draws every box: (K, 4 vertices, 2).
+        x0, y0, x1, y1 = c.T
+        vertices = np.stack([np.stack([x0, y0], 1), np.stack([x1, y0], 1), np.stack([x1, y1], 1),
+                             np.stack([x0, y1], 1)], axis=1)
+        cv2.polylines(image, list(vertices), True, rgb, thickness)
+
+    def patches(coords: np.ndarray, rgb: tuple[int, int, int]) -> None:
+        coords = np.asarray(coords, np.float64).reshape(-1, 2)
+        c = corners(np.concatenate([coords, coords + side], axis=1))
+        # Every box filled at once: +1/-1 at its corners, then 2-D cumulative sums (> 0 inside a box).
+        h, w = image.shape[:2]
+        marks = np.zeros((h + 1, w + 1), np.int32)
+        x0, y0 = np.clip(c[:, 0], 0, w), np.clip(c[:, 1], 0, h)
+        x1, y1 = np.clip(c[:, 2] + 1, 0, w), np.clip(c[:, 3] + 1, 0, h)
+        for ys, xs, sign in ((y0, x0, 1), (y0, x1, -1), (y1, x0, -1), (y1, x1, 1)):
+            np.add.at(marks, (ys, xs), sign)
+        mask = marks.cumsum(0).cumsum(1)[:h, :w] > 0
+        image[mask] = (0.65 * image[mask] + 0.35 * np.array(rgb)).astype(np.uint8)
+        outline(c, rgb, 1)
+
+    kept = result.y == 1
+    layers = [("dropped", result.dropped_coords, "dropped by balance (not read)"),
+              ("rejected", result.rejected_coords, "rejected by the quality filter"),
+              ("negative", result.coords[~kept], "kept negative (unannotated tissue)"),
+              ("positive", result.coords[kept], "kept lymphoma (inside an ROI)")]
+    for key, coords, _ in layers:
+        patches(coords, OVERVIEW_COLOURS[key])
+    outline(corners(rois), OVERVIEW_COLOURS["roi"], 2)
+
+    legend = [("roi", f"ROI (lymphoma annotation): {len(rois)}")] + \
+        [(key, f"{label}: {len(coords)}") for key, coords, label in reversed(layers)]
+    g = result.grid
+    title = f"{g.slide}: patches at {g.target_mpp:g} um/px, read at level {g.level} ({g.level_mpp:.3g} um/px)"
+    width = max(image.shape[1], 12 + cv2.getTextSize(title, _FONT, 0.5, 1)[0][0],
+                36 + max(cv2.getTextSize(text, _FONT, 0.45, 1)[0][0] for _, text in legend))
+    canvas = np.full((OVERVIEW_TITLE_PX + image.shape[0] + _LEGEND_ROW_PX * len(legend) + 8, width, 3), 255, np.uint8)
+    canvas[OVERVIEW_TITLE_PX:OVERVIEW_TITLE_PX + image.shape[0], :image.shape[1]] = image
+    cv2.putText(canvas, title, (6, 20), _FONT, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    for row, (key, text) in enumerate(legend):
+        y = OVERVIEW_TITLE_PX + image.shape[0] + 4 + row * _LEGEND_ROW_PX
+        cv2.rectangle(canvas, (6, y + 3), (20, y + 16), OVERVIEW_COLOURS[key], -1)
+        cv2.putText(canvas, text, (28, y + 15), _FONT, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    return canvas
 
 
 def save_overview(png_path, result: SlideTiles, rois) -> Path:
-    """Write the slide overview: thumbnail, ROIs (blue), kept patches (green), rejected (red).
-
-    Args:
-        png_path: output .png path (written atomically: temporary file, then rename).
-        result: a ``tile_slide`` result with its ``tissue``.
-        rois: int (R, 4) level-0 boxes as given to ``tile_slide``.
-
-    Returns:
-        The written path.
-    """
-    image = cv2.cvtColor(result.tissue.thumbnail, cv2.COLOR_RGB2BGR)
-    scale = result.tissue.scale
-    side = result.grid.patch_level0_px
-
-    def draw(boxes: np.ndarray, bgr: tuple[int, int, int], thickness: int) -> None:
-        corners = np.rint(np.asarray(boxes, np.float64).reshape(-1, 4) * scale).astype(np.int32)
-        x0, y0 = corners[:, 0], corners[:, 1]
-        x1, y1 = np.maximum(x0, corners[:, 2] - 1), np.maximum(y0, corners[:, 3] - 1)
-        # One polylines call draws every box: (K, 4 vertices, 2).
-        outlines = np.stack([np.stack([x0, y0], 1), np.stack([x1, y0], 1), np.stack([x1, y1], 1),
-                             np.stack([x0, y1], 1)], axis=1)
-        cv2.polylines(image, list(outlines), True, bgr, thickness)
-
-    def patch_boxes(coords: np.ndarray) -> np.ndarray:
-        coords = np.asarray(coords, np.float64).reshape(-1, 2)
-        return np.concatenate([coords, coords + side], axis=1)
-
-    draw(patch_boxes(result.rejected_coords), (0, 0, 255), 1)
-    draw(patch_boxes(result.coords), (0, 200, 0), 1)
-    draw(rois, (255, 0, 0), 2)
+    """Write ``overview_image`` as a PNG, atomically (temporary file, then rename); returns the path."""
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
-    ok, encoded = cv2.imencode(".png", image)
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(overview_image(result, rois), cv2.COLOR_RGB2BGR))
     if not ok:
         raise SlideError(f"cannot encode overview for {result.slide}")
     tmp_path = png_path.with_name(png_path.name + ".tmp")

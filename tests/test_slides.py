@@ -10,6 +10,8 @@ import pytest
 import tifffile
 
 from common.slides import (
+    OVERVIEW_COLOURS,
+    OVERVIEW_TITLE_PX,
     SlideError,
     open_slide,
     pick_level,
@@ -136,7 +138,7 @@ def test_read_patches_at_a_lower_level_equal_direct_reads(tmp_path):
     rois = np.array([[0, 0, 1000, 1000]])
     result = tile_slide(tmp_path / "tissue.tiff", rois, ["r"], ["p"], target_mpp=1.0, patch_size_px=32,
                         quality={"hue_range": None, "saturation_range": None, "value_range": None},
-                        negatives=False, max_read_px=100)
+                        negatives="none", max_read_px=100)
     assert result.grid.level == 1 and result.grid.patch_level0_px == 128.0
     assert len(result.x) == 49  # floor(1000 / 128) ** 2
     written = np.stack([levels[1][y // 4:y // 4 + 32, x // 4:x // 4 + 32] for x, y in result.coords])
@@ -217,7 +219,7 @@ def test_thumbnail_reads_the_coarsest_level_that_gives_its_size(tmp_path, monkey
 
 def test_cmu_single_level_pcam_scale_patches_inside_roi():
     rois = np.array([CMU_ROI])
-    result = tile_slide(CMU, rois, ["roi0"], ["patient7"], negatives=False)
+    result = tile_slide(CMU, rois, ["roi0"], ["patient7"], negatives="none")
     downsample = 0.972 / 0.499
     assert result.grid.level == 0 and result.grid.target_mpp == pytest.approx(0.972)
     assert result.grid.downsample == pytest.approx(1.948, abs=1e-3)
@@ -262,7 +264,7 @@ def test_tcga_without_mpp_fails_clearly_and_works_with_override():
     rois = np.array([[1500, 1000, 2600, 2000]])
     with pytest.raises(SlideError, match=r"^slide tcga-cr-7395-01a-01-ts1\.svs \(aperio, .*\) has no openslide\.mpp-x"):
         tile_slide(TCGA, rois, ["r"], ["p"])
-    result = tile_slide(TCGA, rois, ["r"], ["p"], mpp_override=0.25, negatives=False)
+    result = tile_slide(TCGA, rois, ["r"], ["p"], mpp_override=0.25, negatives="none")
     # wanted downsample 0.972 / 0.25 = 3.888: level 1 (2.0005), shrunk a further 1.94x.
     assert result.grid.level == 1
     assert result.grid.patch_level0_px == pytest.approx(96 * 3.888)
@@ -273,11 +275,11 @@ def test_tcga_without_mpp_fails_clearly_and_works_with_override():
     assert (xy >= [1500, 1000]).all() and (xy + 96 * 3.888 <= [2600, 2000]).all()
 
 
-@pytest.mark.parametrize("factor, level", [(1.0, 0), (2.0, 1), (4.0, 2), (4.0161, 2), (8.0, 2), (8.0863, 3)])
+@pytest.mark.parametrize("factor, level", [(1.0, 0), (2.0, 1), (4.0, 2), (4.0161, 2), (8.0, 3), (8.0863, 3)])
 def test_boxes_levels_from_target_mpp(factor, level):
     mpp = open_slide(BOXES).properties["openslide.mpp-x"]
     result = tile_slide(BOXES, np.array([[0, 0, 300, 250]]), ["r"], ["p"], target_mpp=float(mpp) * factor,
-                        patch_size_px=8, negatives=False,
+                        patch_size_px=8, negatives="none",
                         quality={"hue_range": None, "saturation_range": None, "value_range": None})
     assert result.grid.level == level
     side = 8 * factor
@@ -295,7 +297,7 @@ def test_bad_rois_are_skipped_with_reasons_and_counts():
         [2100, 2800, 2400, 3100],  # partly outside: clipped to (2100, 2800, 2220, 2967), too small
     ])
     ids = ["good", "outside", "reversed", "flat", "tiny", "glass", "edge"]
-    result = tile_slide(CMU, rois, ids, [f"p{i}" for i in range(7)], negatives=False)
+    result = tile_slide(CMU, rois, ids, [f"p{i}" for i in range(7)], negatives="none")
     assert [(s["item"], s["reason"]) for s in result.skipped] == [
         ("cmu-1-small-region.svs:flat", "roi_empty"),
         ("cmu-1-small-region.svs:reversed", "roi_empty"),
@@ -342,11 +344,12 @@ def test_negatives_are_tissue_outside_rois_with_one_group_per_tissue_piece(tmp_p
     assert (hsv[..., 1].mean(axis=1) / 255 > 0.065).all() and (hsv[..., 2].mean(axis=1) / 255 < 0.81).all()
 
     path = save_overview(tmp_path / "overview" / "cmu.png", result, rois)
-    image = cv2.imread(str(path))
-    assert image.shape == result.tissue.thumbnail.shape
-    blue = (image[..., 0] == 255) & (image[..., 1] == 0) & (image[..., 2] == 0)
-    green = (image[..., 0] == 0) & (image[..., 1] == 200) & (image[..., 2] == 0)
-    assert blue.sum() > 100 and green.sum() > 100
+    image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    thumb_h, thumb_w = result.tissue.thumbnail.shape[:2]
+    assert image.shape[0] > OVERVIEW_TITLE_PX + thumb_h and image.shape[1] >= thumb_w
+    on_map = image[OVERVIEW_TITLE_PX:OVERVIEW_TITLE_PX + thumb_h, :thumb_w]
+    for key in ("roi", "positive", "negative"):
+        assert (on_map == OVERVIEW_COLOURS[key]).all(axis=2).sum() > 50, key
     assert not list((tmp_path / "overview").glob("*.tmp"))
 
 
@@ -390,3 +393,87 @@ def test_tile_tissue_is_02s_grid_and_rules_without_rois():
     step = tiles.grid.patch_level0_px
     np.testing.assert_array_equal(tiles.coords % 1, 0)
     np.testing.assert_allclose(tiles.coords / step, np.rint(tiles.coords / step), atol=0.01)
+
+
+def test_balance_reads_only_the_negatives_it_needs(monkeypatch):
+    """One negative per kept positive, drawn at random from the candidates before reading; the other
+    candidates are never read (reported as dropped) and the draw is the same for the same seed."""
+    rois = np.array([[900, 600, 1500, 1200]])  # 3 x 3 positives on a slide with ~50 tissue cells outside
+    everything = tile_slide(CMU, rois, ["a"], ["p"], thumbnail_px=512)
+    calls = recording_reads(monkeypatch)
+    balanced = tile_slide(CMU, rois, ["a"], ["p"], thumbnail_px=512, balance=True, seed=1)
+    n_pos = balanced.counts["positive"]["kept"]
+    assert n_pos == 8 and balanced.counts["negative"]["kept"] == n_pos and (balanced.y == 0).sum() == n_pos
+    negatives = balanced.coords[balanced.y == 0]
+    neg = everything.y == 0
+    candidates = np.concatenate([everything.coords[neg], everything.rejected_coords[everything.rejected_y == 0]])
+    assert len(candidates) == 46
+    # The kept negatives are candidates of the unbalanced run, with the very same pixels.
+    same = (everything.coords[:, None] == negatives[None]).all(axis=2)
+    assert same.sum() == n_pos
+    np.testing.assert_array_equal(everything.x[same.any(axis=1)], balanced.x[balanced.y == 0])
+    # Read: the 9 positive cells and ceil(8 * 1.1) + 8 = 17 drawn candidates, not all 46; dropped: the 29
+    # never drawn and the 8 drawn that passed beyond the 8 needed (one drawn was rejected).
+    assert balanced.patches_read == 9 + 17 and everything.patches_read == 9 + 46
+    assert balanced.counts["negative"] == {"kept": 8, "rejected": {"high_value": 1}, "dropped": 37}
+    assert len(balanced.dropped_coords) == 37 and (balanced.dropped_y == 0).all()
+    patch_px = round(balanced.grid.patch_level0_px)
+    read_px = sum(size[0] * size[1] for _, level, size in calls if size[1] == patch_px)
+    assert read_px <= 26 * patch_px * (patch_px + 1)
+    again = tile_slide(CMU, rois, ["a"], ["p"], thumbnail_px=512, balance=True, seed=1)
+    np.testing.assert_array_equal(again.coords, balanced.coords)
+    other = tile_slide(CMU, rois, ["a"], ["p"], thumbnail_px=512, balance=True, seed=2)
+    assert not np.array_equal(other.coords, balanced.coords)
+
+
+def test_negatives_modes_on_three_cores_one_with_an_roi(tmp_path):
+    """Three round cores of real H&E on glass at 0.972 um/px (a patch is 96 level-0 px); an ROI in the
+    left core only. all: tissue outside the ROI in every core; cores_without_roi: exactly those of the
+    two cores without an ROI; none: no negatives."""
+    tissue = cv2.cvtColor(cv2.imread(str(TISSUE_IMAGE)), cv2.COLOR_BGR2RGB)
+    image = np.full((480, 1680, 3), 242, np.uint8)
+    yy, xx = np.mgrid[:480, :1680]
+    core = np.zeros((480, 1680), np.int64)
+    for index, cx in enumerate((240, 840, 1440), start=1):  # 200 px of glass between cores
+        inside = (xx - cx) ** 2 + (yy - 240) ** 2 < 200 ** 2
+        image[inside] = tissue[yy[inside] % 1000, xx[inside] % 1000]
+        core[inside] = index
+    write_pyramid(tmp_path / "tma.tiff", image, mpp=0.972, factors=(4,))
+    rois = np.array([[144, 144, 336, 336]])  # 2 x 2 patches in the left core
+    no_filter = {"hue_range": None, "saturation_range": None, "value_range": None}
+    negatives = {}
+    for mode in ("all", "cores_without_roi", "none"):
+        result = tile_slide(tmp_path / "tma.tiff", rois, ["r"], ["p"], quality=no_filter, negatives=mode)
+        assert result.counts["positive"]["kept"] == 4 and (result.group == "p").all()
+        negatives[mode] = result.coords[result.y == 0]
+    on_core = core[negatives["all"][:, 1] + 48, negatives["all"][:, 0] + 48]  # the core under each centre
+    assert (on_core > 0).all() and set(np.bincount(on_core, minlength=4)[1:] > 0) == {True}
+    np.testing.assert_array_equal(negatives["cores_without_roi"], negatives["all"][on_core != 1])
+    assert len(negatives["none"]) == 0
+    with pytest.raises(SlideError, match="negatives must be one of all, cores_without_roi, none"):
+        tile_slide(tmp_path / "tma.tiff", rois, ["r"], ["p"], negatives="benign")
+
+
+def test_overview_draws_balance_dropped_patches_in_their_colour_with_a_legend(tmp_path):
+    rois = np.array([[900, 600, 1500, 1200]])
+    result = tile_slide(CMU, rois, ["a"], ["p"], thumbnail_px=512, balance=True, seed=1)
+    assert len(result.dropped_coords) == 37
+    image = cv2.cvtColor(cv2.imread(str(save_overview(tmp_path / "o.png", result, rois))), cv2.COLOR_BGR2RGB)
+    scale, side = result.tissue.scale, result.grid.patch_level0_px
+    # The middle of each dropped patch's top edge, in the PNG: the dropped colour exactly, on most of
+    # them (a neighbour's outline may share a pixel after rounding).
+    x = np.rint((result.dropped_coords[:, 0] + side / 2) * scale).astype(int)
+    y = np.rint(result.dropped_coords[:, 1] * scale).astype(int) + OVERVIEW_TITLE_PX
+    dropped = (image[y, x] == OVERVIEW_COLOURS["dropped"]).all(axis=1)
+    assert dropped.mean() > 0.8
+    # Inside the patch the thumbnail is tinted toward the colour, not replaced: closer to it than before.
+    inside = image[y + 3, x] .astype(int)
+    before = result.tissue.thumbnail[y + 3 - OVERVIEW_TITLE_PX, x].astype(int)
+    colour = np.array(OVERVIEW_COLOURS["dropped"])
+    assert (np.abs(inside - colour).sum(1) < np.abs(before - colour).sum(1)).mean() > 0.9
+    # The legend's colour squares: one per category, below the map.
+    legend = image[OVERVIEW_TITLE_PX + result.tissue.thumbnail.shape[0]:, :30]
+    for key, rgb in OVERVIEW_COLOURS.items():
+        assert (legend == rgb).all(axis=2).sum() >= 100, key
+    # The five colours are distinct.
+    assert len(set(OVERVIEW_COLOURS.values())) == 5

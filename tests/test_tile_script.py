@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import openslide
 import pytest
 import yaml
 
@@ -12,6 +13,7 @@ from common import cli
 from common.config import UserError
 from common.demo import write_demo_dlbcl
 from common.patchset import read_patch_set
+from common.slides import _resize_batch
 from tests.conftest import ROOT, load_script
 
 
@@ -51,7 +53,7 @@ def test_bad_rows_and_slides_are_skipped_and_named(tmp_path: Path, tile_script):
         counts[s["reason"]] = counts.get(s["reason"], 0) + 1
     assert counts == {"malformed_row": 1, "missing_slide": 1, "slide_error": 1, "roi_empty": 1,
                       "roi_outside_slide": 1}
-    assert set(summary["slides"]) == {"TA101"}  # TA102 has only a CD10 row: never opened
+    assert [s["slide"] for s in summary["slides"]] == ["TA101"]  # TA102 has only a CD10 row: never opened
     ps = read_patch_set(out / "dlbcl.h5")
     assert len(ps) == summary["n_patches"] > 0 and ps.x.shape[1:] == (96, 96, 3)
     assert (np.bincount(ps.y) == summary["n_patches"] // 2).all()  # balanced 50/50
@@ -105,10 +107,10 @@ def last_error_line(capsys) -> str:
 
 def test_no_lymphoma_patch_fails_naming_the_class_and_reasons(tmp_path, tile_script, demo_dlbcl, capsys):
     outside = ["71177,TA101,HE,900000,900000,900500,900500", "71177,TA101,HE,800000,0,800500,500"]
-    status, out = run_02(tile_script, tmp_path, demo_dlbcl, outside)
+    status, out = run_02(tile_script, tmp_path, demo_dlbcl, outside, balance=False)
     assert status == 2
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["outputs"] == [] and summary["n_patches"] == 0 and not (out / "dlbcl.h5").exists()
+    assert summary["outputs"] == [] and summary["n_patches"] == 0 and not list(out.glob("*.h5*"))
     assert summary["found"]["lymphoma"] == 0 and summary["found"]["negative"] > 0  # negatives alone: no patch set
     error = last_error_line(capsys)
     assert error.startswith(f"error: no lymphoma patches (0 lymphoma, {summary['found']['negative']} negative "
@@ -124,7 +126,7 @@ def test_no_negative_patch_fails_unless_negatives_are_off(tmp_path, tile_script,
     assert summary["found"]["lymphoma"] > 0
     assert last_error_line(capsys).startswith("error: no negative patches (")
 
-    status, out = run_02(tile_script, tmp_path / "off", demo_dlbcl, whole_slide, negatives=False)
+    status, out = run_02(tile_script, tmp_path / "off", demo_dlbcl, whole_slide, negatives="none")
     summary = json.loads((out / "summary.json").read_text())
     assert status == 0 and summary["outputs"] == ["dlbcl.h5"]
     ps = read_patch_set(out / "dlbcl.h5")
@@ -138,7 +140,7 @@ def test_missing_slides_name_the_path_looked_for(tmp_path, tile_script, demo_dlb
     assert status == 2
     tma = tmp_path / "dlbcl" / "TMA"
     assert last_error_line(capsys).startswith(
-        "error: no lymphoma and no negative patches (0 lymphoma, 0 negative from 0 of 1 slides); top reasons: "
+        "error: no lymphoma patches (0 lymphoma, 0 negative from 0 of 1 slides); top reasons: "
         f"missing_slide 1; 1 of 1 slides missing, looked for {tma / 'HE' / '<tma_id>.svs'} "
         f"(folders in {tma}: H_E)")
 
@@ -203,7 +205,7 @@ def test_every_slide_without_mpp_is_exit_2_with_advice_that_fits_the_slide(tmp_p
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     assert cli.run(tile_script.main, ["--config", str(tmp_path / "c.yaml")]) == 2
     error = last_error_line(capsys)
-    assert error.startswith("error: no lymphoma and no negative patches (0 lymphoma, 0 negative from 0 of 1 slides); "
+    assert error.startswith("error: no lymphoma patches (0 lymphoma, 0 negative from 0 of 1 slides); "
                             "top reasons: slide_error 1; no slide could be tiled, slide TA1: slide TA1.svs (aperio, "
                             "4443 x 3567 px, no objective power) has no openslide.mpp-x; set tile_dlbcl.mpp_override "
                             "to its level-0 um/px: typical aperio scans are 0.50 um/px at 20x (the slide would be "
@@ -213,3 +215,35 @@ def test_every_slide_without_mpp_is_exit_2_with_advice_that_fits_the_slide(tmp_p
     config["tile_dlbcl"]["mpp_override"] = 0.25
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     assert cli.run(tile_script.main, ["--config", str(tmp_path / "c.yaml")]) == 0
+
+
+def test_a_quarter_micron_slide_is_read_at_its_4x_level_and_only_what_is_kept(tmp_path, tile_script):
+    """A 0.25 um/px three-level pyramid (downsamples 1, 4, 16): 0.972 um/px wants 3.888, so with the 5 %
+    scale tolerance 02 reads level 1 (1.0 um/px); each patch equals a direct read_region of its 93 px at
+    that level, enlarged to 96 px the same way; balance reads few negatives beyond those it keeps."""
+    write_demo_dlbcl(tmp_path / "dlbcl", n_slides=1, cores_per_slide=2, seed=3, slide_mpp=0.25, workers=1)
+    config = {"base": str(ROOT / "configs" / "demo.yaml"),
+              "run": {"name": "t", "output_root": str(tmp_path / "runs")},
+              "data": {"dlbcl_dir": str(tmp_path / "dlbcl")}, "tile_dlbcl": {"workers": 1}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert tile_script.main(["--config", str(tmp_path / "c.yaml")]) == 0
+    out = tmp_path / "runs" / "t" / "02_tile_dlbcl"
+    summary = json.loads((out / "summary.json").read_text())
+    [record] = summary["slides"]
+    assert (record["slide"], record["level"], record["level_mpp"]) == ("TA101", 1, 1.0)
+    ps = read_patch_set(out / "dlbcl.h5")
+    assert record["patches_kept"] == len(ps) == summary["n_patches"] and summary["n_positive"] == summary["n_negative"]
+    assert summary["patches_read"] == record["patches_read"] <= 2 * len(ps)
+    assert summary["negatives_are"].startswith("unannotated tissue of lymphoma patients")
+
+    slide = openslide.OpenSlide(str(tmp_path / "dlbcl" / "TMA" / "HE" / "TA101.svs"))
+    assert slide.level_downsamples == (1.0, 4.0, 16.0)
+    crop_px = round(96 * 0.972 / 0.25 / 4)  # 93 level-1 px per patch
+    direct = np.stack([np.asarray(slide.read_region((int(x), int(y)), 1, (crop_px, crop_px)))[..., :3]
+                       for x, y in ps.coords])
+    np.testing.assert_array_equal(ps.x, _resize_batch(direct, 96))
+
+    # The old rule (1 % tolerance) reads level 0 for the same slide.
+    status = cli.run(tile_script.main, ["--config", str(tmp_path / "c.yaml"),
+                                        "--set", "tile_dlbcl.scale_tolerance=0.01"])
+    assert status == 0 and json.loads((out / "summary.json").read_text())["slides"][0]["level"] == 0
