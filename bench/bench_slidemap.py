@@ -1,7 +1,7 @@
 """Whole-slide maps (07's ``gradcam.slides``): ``slidemap.map_slide`` vs a plain per-patch loop.
 
-Ours: ``map_slide`` end to end on a synthetic 4-core TMA slide (``common.demo``, 0.25 um/px level 0, so
-each 96 px patch is a 389 px read shrunk 4-fold): thumbnail, tissue grid, strip reads, quality filter,
+Ours: ``map_slide`` end to end on a synthetic 4-core TMA slide (``common.demo``, 0.25 um/px level 0, read
+at the level 02 picks for 0.972 um/px): thumbnail, tissue grid, strip reads, quality filter,
 Reinhard (the demo's method) on each batch, a 3-class ResNet-18 (random weights; the speed does not
 depend on them) in batches of 256, channels-last as 05 trains.
 Baseline, the usual first script: for every patch ``map_slide`` classified, one ``read_region`` at the
