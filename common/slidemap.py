@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import engine, models, plots, slides
+from common import engine, gradcam, models, plots, slides
 from common.errors import UserError
 from common.steps import atomic_path
 
@@ -98,8 +98,6 @@ def make_predict(model, mean, std, device: torch.device, channels_last: bool = F
 
 def make_cam(model, mean, std, device: torch.device, batch_size: int = 64):
     """A ``cam(x, target)`` for ``map_slide``: Grad-CAM float32 (B, H, W) of classes target int (B,)."""
-    from common import gradcam
-
     layer = gradcam.default_target_layer(model)
     mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device)
     std_t = torch.as_tensor(std, dtype=torch.float32, device=device)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from common import models, slidemap, slides, stain
+from common import gradcam, models, slidemap, slides, stain
 from common.config import load_config
 from common.errors import UserError
 from common.filters import DLBCL_QUALITY, filter_patches
@@ -181,3 +181,24 @@ def test_config_slides_key():
     for bad in ("gradcam.slides=all", "gradcam.slides=[]"):
         with pytest.raises(UserError, match="gradcam.slides"):
             load_config(base, [bad])
+
+
+def test_slide_cam_mosaic(cmu_map, tmp_path):
+    torch.manual_seed(0)
+    model = models.build_model("resnet18", 3, "none").eval()
+    mean, std = (0.7, 0.6, 0.7), (0.15, 0.2, 0.15)
+    device = torch.device("cpu")
+    smap, patches = slidemap.map_slide(CMU, slidemap.make_predict(model, mean, std, device), cmu_map["normalizer"],
+                                       cam=slidemap.make_cam(model, mean, std, device), keep_patches=True,
+                                       progress=False)
+    assert smap.cams.shape == (len(smap.coords), 96, 96)
+    # the CAM of each patch's predicted class, as gradcam.grad_cam gives it for those patches
+    picks = np.arange(0, len(patches), 9)
+    inputs = models.to_input(torch.from_numpy(patches[picks]), torch.tensor(mean), torch.tensor(std), False)
+    expected = gradcam.grad_cam(model, inputs, gradcam.default_target_layer(model), target=smap.probs[picks].argmax(1))
+    assert np.allclose(smap.cams[picks], expected, atol=1e-5)
+    info = slidemap.write_slide_map(tmp_path, smap, CLASSES)
+    assert "slide_cam.png" in info["files"]
+    image = cv2.imread(str(tmp_path / "slide_cam.png"))
+    # 12 x 16 grid cells of 16 px (2220 / 187 and 2967 / 187, rounded up)
+    assert image.shape[:2] == (16 * 16, 12 * 16)
