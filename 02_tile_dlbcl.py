@@ -13,8 +13,10 @@ Writes (runs/<run>/02_tile_dlbcl/):
                                  drawn before reading, one per kept lymphoma patch per slide
     overview/<tma_id>.png        thumbnail with a title and a legend with counts: ROIs, kept lymphoma, kept
                                  negatives, patches dropped by balance, patches rejected by the filter
-    summary.json                 `slides`: per slide the level read, its µm/px, patches read and kept;
-                                 `negatives_are`; counts, and every skipped row, ROI or slide with its reason:
+    summary.json                 `slides`: per slide the level read, its µm/px, patches read and kept
+                                 (before `n_positive_dropped_by_balance`, lymphoma dropped across slides
+                                 where negatives ran short); `negatives_are`; counts, and every
+                                 skipped row, ROI or slide with its reason:
                                  malformed_row, missing_slide, slide_error (unreadable, no mpp),
                                  roi_empty, roi_outside_slide, roi_smaller_than_patch,
                                  roi_all_patches_rejected; `outputs` lists dlbcl.h5 when this run wrote it
@@ -211,17 +213,18 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{message}; see {out / 'summary.json'}")  # the writer removes its partial file
 
     n_pos, n_neg = found["lymphoma"], found["negative"]
-    if t["balance"] and 0 < n_neg < n_pos:
+    n_trimmed = n_pos - n_neg if t["balance"] and 0 < n_neg < n_pos else 0
+    if n_trimmed:
         # Some slides had fewer usable negatives than lymphoma patches: drop lymphoma patches at random
         # across all slides (one streaming copy of the file, only in this case) to keep 50/50.
-        trim_positives(out / "dlbcl.h5", n_pos - n_neg, np.random.default_rng(cfg["run"]["seed"]))
+        trim_positives(out / "dlbcl.h5", n_trimmed, np.random.default_rng(cfg["run"]["seed"]))
         print(f"   balance: dropped {n_pos - n_neg} of {n_pos} lymphoma patches, since some slides have fewer "
               "usable negatives than lymphoma patches (see tile_dlbcl.negatives)")
         n_pos = n_neg
     n_read = sum(s["patches_read"] for s in per_slide)
     write_summary(out, STEP, cfg, started, n_patches=n_pos + n_neg, n_positive=n_pos, n_negative=n_neg,
-                  patches_read=n_read, negatives_are=NEGATIVES_ARE[t["negatives"]], slides=per_slide,
-                  skipped=skipped, outputs=["dlbcl.h5"])
+                  patches_read=n_read, n_positive_dropped_by_balance=n_trimmed,
+                  negatives_are=NEGATIVES_ARE[t["negatives"]], slides=per_slide, skipped=skipped, outputs=["dlbcl.h5"])
     print(f"   wrote {n_pos + n_neg} patches ({n_pos} lymphoma, {n_neg} negative) from {len(per_slide)} slides, "
           f"{n_read} read; {len(skipped)} items skipped (see summary.json)")
     print(f"   negatives: {NEGATIVES_ARE[t['negatives']]}")

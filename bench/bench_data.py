@@ -36,7 +36,7 @@ from torchvision import datasets, transforms
 
 from common import data, demo, filters, models, slides
 
-SLIDE_MPP = 0.25  # um/px at level 0: a 40x scan like DLBCL-Morph's, read at level 0 and shrunk to 0.972
+SLIDE_MPP = 0.25  # um/px at level 0: a 40x scan like DLBCL-Morph's; 02 reads its 4x level for 0.972
 BATCH_SIZE = 64  # the thesis's batch size
 TEXTURE = Path(__file__).resolve().parents[1] / "tests" / "data" / "he" / "tiatoolbox" / "target_image.png"
 
@@ -128,7 +128,7 @@ def bench_tiling(settings: Settings) -> Result:
     read_ratio = read_rate / read_baseline_rate
     return Result(ours_rate, baseline_rate, "patches/s", 2.0,
                   note=f"tile_slide end to end (thumbnail, {n_patches} patches of {len(rois)} ROIs + negatives, "
-                       f"quality filter; level {level}, {patch_level0_px:.0f} px -> 96 px, slide {dims[0]} x "
+                       f"quality filter; level {level}, {patch_level0_px:.0f} level-0 px -> 96 px, slide {dims[0]} x "
                        f"{dims[1]}) vs per-patch read_region + composite + INTER_AREA resize of the same "
                        f"{n_patches} patches; read_patches alone {read_rate:.0f} vs {read_baseline_rate:.0f} "
                        f"patches/s (x{read_ratio:.2f}), {one_thread_rate:.0f} with 1 read thread ({threads} "

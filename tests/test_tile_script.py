@@ -1,6 +1,7 @@
 """02_tile_dlbcl as a whole: stain selection, bad rows and slides skipped with reasons, the patch set."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -57,6 +58,8 @@ def test_bad_rows_and_slides_are_skipped_and_named(tmp_path: Path, tile_script):
     ps = read_patch_set(out / "dlbcl.h5")
     assert len(ps) == summary["n_patches"] > 0 and ps.x.shape[1:] == (96, 96, 3)
     assert (np.bincount(ps.y) == summary["n_patches"] // 2).all()  # balanced 50/50
+    # The slide has 65 lymphoma patches but only 59 usable negatives: 6 lymphoma dropped at random.
+    assert summary["slides"][0]["patches_kept"] == 65 + 59 and summary["n_positive_dropped_by_balance"] == 6
     assert ps.attrs["mpp"] == pytest.approx(0.972) and set(ps.group) <= {r.split(",")[0] for r in good}
     assert (out / "overview" / "TA101.png").is_file()
     assert summary["outputs"] == ["dlbcl.h5"]
@@ -247,3 +250,15 @@ def test_a_quarter_micron_slide_is_read_at_its_4x_level_and_only_what_is_kept(tm
     status = cli.run(tile_script.main, ["--config", str(tmp_path / "c.yaml"),
                                         "--set", "tile_dlbcl.scale_tolerance=0.01"])
     assert status == 0 and json.loads((out / "summary.json").read_text())["slides"][0]["level"] == 0
+
+
+def test_too_little_disk_space_stops_before_tiling(tmp_path, tile_script, demo_dlbcl, capsys, monkeypatch):
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    status, out = run_02(tile_script, tmp_path, demo_dlbcl, ["71177,TA101,HE,833,676,1772,1947"])
+    assert status == 2 and not list(out.glob("*.h5*")) and not list((out / "overview").iterdir())
+    assert re.match(r"error: not enough disk space in .* for dlbcl\.h5: needs about 0\.0 GB, 0\.0 GB free; "
+                    r"free space there or point run\.output_root at a larger disk$", last_error_line(capsys))
