@@ -11,22 +11,28 @@ Writes (runs/<run>/07_gradcam/<experiment>/):
     cam_stats.json      centre-mass fraction per source and true class (mean, std, n), and per outcome;
                         chance and maximum of the statistic at the CAM's resolution
     cam_stats.md        the same as a short table
+    slides/<slide_id>/  with gradcam.slides: whole-slide maps (common/slidemap.py): patches.csv, cores.csv,
+                        heatmap.png, patches.geojson (QuPath), slide_cam.png with gradcam.slide_cam
+    slides_summary.json, slides.md   the maps scored against annotated ROIs over test patients' cores
     summary.json
 
 Usage:
     python 07_gradcam.py --config config.yaml --set train.task=pcam
+    python 07_gradcam.py --config config.yaml --set train.task=mixed --set gradcam.slides=[my_node.svs]
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from common import cli, data, engine, gradcam, models, plots
+from common import cli, data, engine, gradcam, models, plots, slidemap, slides, stain
 from common.config import UserError
 from common.steps import atomic_path, require_step, step_dir, write_experiments_summary, write_json, write_summary
 
@@ -57,11 +63,77 @@ def cams_for(model, x: np.ndarray, target: np.ndarray, meta: dict, device, batch
     return np.concatenate(out)
 
 
+def slide_maps(cfg: dict, model, meta: dict, device, folder: Path, split: dict) -> dict | None:
+    """Whole-slide maps (gradcam.slides) into folder/slides/<slide_id>/, scored against annotated ROIs over
+    the cores of test patients only (slides_summary.json, slides.md). None when gradcam.slides is null."""
+    gc, t, classes = cfg["gradcam"], cfg["tile_dlbcl"], meta["class_names"]
+    if gc["slides"] is None:
+        return None
+    tma = Path(cfg["data"]["dlbcl_dir"]) / "TMA"
+    csv_path = tma / "annotations.csv"
+    rows = slides.read_annotations(csv_path, t["stain"])[0] if csv_path.is_file() else {}
+    # {tma_id: (int64 (R, 4) ROI boxes, str (R,) patient ids)}; a slide outside annotations.csv has no ROIs
+    annotations = {k: (np.array([r[2] for r in v], np.int64), np.array([r[1] for r in v], str))
+                   for k, v in rows.items()}
+    # A patient in both test and another split (a random split) is not a test patient.
+    test_patients = set(split["group"][split["split"] == "test"]) - set(split["group"][split["split"] != "test"])
+    if gc["slides"] == "test":
+        paths = [tma / t["stain"] / f"{tma_id}.svs" for tma_id, (_, patients) in sorted(annotations.items())
+                 if test_patients & set(patients)]
+    else:
+        paths = [Path(p) for p in gc["slides"]]
+    state = json.loads((require_step(cfg, "03_normalize") / meta["method"] / "normalizer.json").read_text())
+    normalizer = stain.load_normalizer(state["state"])
+    predict = slidemap.make_predict(model, meta["mean"], meta["std"], device, cfg["train"]["channels_last"],
+                                    cfg["train"]["bf16"])
+    cam = slidemap.make_cam(model, meta["mean"], meta["std"], device) if gc["slide_cam"] else None
+    maps, written, failed = [], {}, []
+    for path in tqdm(paths, desc="slide maps", unit="slide"):
+        boxes, patients = annotations.get(path.stem, (None, None))
+        try:
+            smap, _ = slidemap.map_slide(
+                path, predict, normalizer, rois=boxes, roi_patients=patients, **slides.tile_options(t),
+                device=str(device), cam=cam)
+        except slides.SlideError as err:
+            failed.append({"slide": str(path), "error": str(err)})
+            print(f"   skipped slide {path}: {err}")
+            continue
+        cores = slidemap.core_table(smap, classes, gc["core_call_fraction"])
+        written[path.stem] = slidemap.write_slide_map(folder / "slides" / path.stem, smap, classes, cores)
+        maps.append((smap, cores))
+    score = (slidemap.score_maps(maps, classes, gc["roi_class"], test_patients) if gc["roi_class"] in classes
+             else None)
+    summary = {"slides": written, "failed": failed, "n_test_patients": len(test_patients), "score": score}
+    write_json(folder / "slides_summary.json", summary)
+    lines = ["| slide | patches | cores | ROI / outside patches (test cores) | AUC | core accuracy |",
+             "|---|---|---|---|---|---|"]
+    per_slide = {} if score is None else score["per_slide"]
+    for smap, _ in maps:
+        s = per_slide.get(smap.slide, {})
+        auc, accuracy = (f"{s[k]:.3f}" if k in s else "" for k in ("auc", "core_accuracy"))
+        lines.append(f"| {smap.slide} | {len(smap.coords)} | {written[Path(smap.slide).stem]['cores']} | "
+                     f"{s.get('n_roi_patches', '')} / {s.get('n_outside_patches', '')} | {auc} | {accuracy} |")
+    if score is not None:
+        lines.append(f"| all | | | {score['n_roi_patches']} / {score['n_outside_patches']} | {score['auc']:.3f} | "
+                     f"{score['core_accuracy']:.3f} ({score['n_cores']} cores) |")
+        lines.append(f"\nAUC: p_{gc['roi_class']} of patches inside ROIs vs the rest of test patients' cores "
+                     "(unannotated tissue, not known benign); core accuracy: test cores called "
+                     f"{gc['roi_class']}.")
+    with atomic_path(folder / "slides.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"   slide maps: {len(maps)} of {len(paths)} slides in {folder / 'slides'} "
+          f"({len(failed)} failed to open; see {folder / 'slides_summary.json'})")
+    if paths and not maps:
+        raise UserError(f"no slide map written: all {len(paths)} slides failed (see {folder / 'slides_summary.json'})")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.time()
     cfg, device = cli.start(argv, __doc__, STEP)
     gc, seed = cfg["gradcam"], cfg["run"]["seed"]
-    model, meta, _ = engine.load_experiment(cfg, cfg["evaluate"]["checkpoint"])
+    model, meta, split = engine.load_experiment(cfg, cfg["evaluate"]["checkpoint"])
     model.to(device)
     name = engine.experiment_name(cfg)
     pred = read_predictions(require_step(cfg, "06_evaluate") / name / "predictions.csv")
@@ -124,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         if titles:
             grids.append(str(plots.cam_grid(folder / f"grid_{src}.png", np.stack(images), np.stack(overlays),
                                             captions, titles, n_cols, f"{name} · {src}", gc["center_px"])))
+    # ---- whole-slide maps (gradcam.slides)
+    slide_maps(cfg, model, meta, device, folder, split)
     write_summary(folder, STEP, cfg, started, experiment=name, cam_stats=stats, grids=grids)
     write_experiments_summary(folder.parent, STEP, cfg, started)
     print("\n".join(lines))

@@ -14,6 +14,7 @@ Benchmarks (name: ours vs baseline, unit):
     patch_reads     data.read_patches vs h5py fancy indexing, 2 % scattered rows    patches/s
     train_step      05's train_one_epoch vs a plain fp32 loop (ResNet-18, 96 px)     images/s
     gradcam         common.gradcam vs pytorch-grad-cam 1.5.7 (ResNet-18)            images/s
+    slide_map       07's slidemap.map_slide vs per-patch read_region + classify      patches/s
 
 Inputs: real H&E crops from ``tests/data``; a synthetic slide from
 ``common.demo`` (tiling). Outputs: a table on stdout and ``bench/results.json`` as
@@ -50,6 +51,7 @@ BENCHMARKS = {
     "train_step": ("bench_model", "bench_train_step"),
     "channels_last": ("bench_model", "bench_channels_last"),
     "gradcam": ("bench_model", "bench_gradcam"),
+    "slide_map": ("bench_slidemap", "bench_slide_map"),
 }
 
 

@@ -46,7 +46,7 @@ class Field:
     maximum: float | None = None
     nullable: bool = False
     item: Field | None = None
-    keywords: tuple = ()  # for "path": words accepted as they are instead of a path (e.g. "none")
+    keywords: tuple = ()  # for "path" and "list": words accepted as they are instead (e.g. "none", "test")
     pattern: str | None = None
     hint: str | None = None  # what is allowed, in words, where the pattern says it badly
     min_items: int = 0  # for "list": the fewest items that make sense (1: an empty list is an error)
@@ -249,6 +249,11 @@ SCHEMA: dict[str, Any] = {
     "gradcam": {
         "n_per_cell": _f("int", minimum=1),
         "center_px": _f("int", minimum=1),
+        "slides": _f("list", item=_f("path"), min_items=1, nullable=True, keywords=("test",),
+                     hint="null, test, or a non-empty list of slide paths"),
+        "slide_cam": _f("bool"),
+        "roi_class": _f("str"),
+        "core_call_fraction": _f("float", minimum=0.0, maximum=1.0),
     },
     "tasks": Each(TASK),
 }
@@ -283,6 +288,8 @@ def _resolve_paths(tree: dict, schema: dict, folder: Path) -> None:
         elif isinstance(spec, Field) and spec.kind == "path" and isinstance(value, str):
             if value not in spec.keywords:
                 tree[key] = str((folder / Path(value).expanduser()).resolve())
+        elif isinstance(spec, Field) and spec.kind == "list" and spec.item.kind == "path" and isinstance(value, list):
+            tree[key] = [str((folder / Path(v).expanduser()).resolve()) if isinstance(v, str) else v for v in value]
 
 
 def _check_placeholders(value: str, allowed: tuple, dotted: str) -> None:
@@ -353,6 +360,8 @@ def _check(value: Any, spec: Field, dotted: str) -> Any:
             out.append(float(bound))
         return out
     elif kind == "list":
+        if isinstance(value, str) and value in spec.keywords:
+            return value
         if not isinstance(value, list | tuple) or len(value) < spec.min_items:
             raise bad()
         return [_check(v, spec.item, f"{dotted}[{i}]") for i, v in enumerate(value)]
