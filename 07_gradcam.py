@@ -83,7 +83,7 @@ def slide_maps(cfg: dict, model, meta: dict, device, folder: Path, split: dict) 
     else:
         paths = [Path(p) for p in gc["slides"]]
     state = json.loads((require_step(cfg, "03_normalize") / meta["method"] / "normalizer.json").read_text())
-    normalizer = stain.load_normalizer(state["state"])
+    normalizer = stain.from_json(state["state"])
     predict = slidemap.make_predict(model, meta["mean"], meta["std"], device, cfg["train"]["channels_last"],
                                     cfg["train"]["bf16"])
     cam = slidemap.make_cam(model, meta["mean"], meta["std"], device) if gc["slide_cam"] else None
