@@ -6,21 +6,19 @@ import numpy as np
 import torch
 
 from common.stain_ops import (
-    StainNormalizer,
+    TwoStainNormalizer,
     h_then_e,
     keep_unusable,
     max_concentrations,
     optical_density,
     percentile,
     pseudo_inverse,
-    reference_id,
     stains_usable,
     tissue_od_eigen,
-    two_stain_state,
 )
 
 
-class Macenko(StainNormalizer):
+class Macenko(TwoStainNormalizer):
     """Macenko et al., "A method for normalizing histology slides for quantitative analysis", ISBI 2009,
     with the conventions of torchstain 1.4.1's numpy ``MacenkoNormalizer``.
 
@@ -45,26 +43,6 @@ class Macenko(StainNormalizer):
         # they cannot represent; True adds that residual back and inverts the OD exactly.
         "keep_residual": False,
     }
-
-    @property
-    def stain_matrix(self) -> np.ndarray:
-        """float64 (2, 3): fitted stain optical densities, rows hematoxylin then eosin, unit length, >= 0."""
-        self._require_fitted()
-        return np.asarray(self.state["stain_matrix"], dtype=np.float64)
-
-    def fit(self, reference: np.ndarray) -> Macenko:
-        """Estimate the reference from uint8 RGB (H, W, 3), or patches (N, H, W, 3); returns self.
-
-        The stains come from all reference pixels pooled; the target concentrations of a batch are the
-        median over its usable patches of each patch's own 99th percentiles (see ``two_stain_state``).
-
-        Raises:
-            StainError: bad array, or a reference with too little tissue / a single stain.
-        """
-        reference, (stains, max_conc, _), per_patch = self._reference_estimates(reference)
-        per_patch_max = None if per_patch is None else per_patch[1]
-        self.state = {**reference_id(reference), **two_stain_state(stains[0], max_conc[0], per_patch_max)}
-        return self
 
     def _features(self, images: np.ndarray, device: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(od float32 (U, 3, P), tissue bool (U, P)) of images (U, H, W, 3)."""
@@ -91,9 +69,7 @@ class Macenko(StainNormalizer):
         """uint8 (n, H, W, 3) remixed with the reference stains, and ok (n,); unusable patches copied."""
         od = features[0]
         stains, max_conc, ok = source
-        target_stains = torch.tensor(self.state["stain_matrix"], device=od.device).float()
-        target_max = torch.tensor(self.state["max_concentration"], device=od.device).float()
-        scale = target_max / max_conc.clamp(min=1e-6)  # (n, 2)
+        target_stains, scale = self._target(max_conc, od.device)
         # Unmix, rescale and remix fold into one 3x3 matrix per patch; so does keeping the residual.
         # A non-finite output can only come from non-finite per-patch factors (the optical densities
         # are finite table values; exp overflows only to +inf, which the clamp turns into 255), so the

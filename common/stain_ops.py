@@ -206,6 +206,36 @@ class StainNormalizer:
         raise NotImplementedError
 
 
+class TwoStainNormalizer(StainNormalizer):
+    """What Macenko and Vahadane share: a fitted (2, 3) stain matrix and the fit of the reference (the
+    stains from all reference pixels pooled, the target concentrations from the median over its usable
+    patches of each patch's own 99th percentiles; see ``two_stain_state``)."""
+
+    @property
+    def stain_matrix(self) -> np.ndarray:
+        """float64 (2, 3): fitted stain optical densities, rows hematoxylin then eosin, unit length, >= 0."""
+        self._require_fitted()
+        return np.asarray(self.state["stain_matrix"], dtype=np.float64)
+
+    def fit(self, reference: np.ndarray):
+        """Estimate the reference from uint8 RGB (H, W, 3), or patches (N, H, W, 3); returns self.
+
+        Raises:
+            StainError: bad array, or a reference with too little tissue / a single stain.
+        """
+        reference, (stains, max_conc, _), per_patch = self._reference_estimates(reference)
+        per_patch_max = None if per_patch is None else per_patch[1]
+        self.state = {**reference_id(reference), **two_stain_state(stains[0], max_conc[0], per_patch_max)}
+        return self
+
+    def _target(self, max_conc: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference stains float32 (2, 3) and each patch's concentration scale float32 (n, 2): the
+        reference's 99th-percentile concentrations over the patch's own."""
+        target_stains = torch.tensor(self.state["stain_matrix"], device=device).float()
+        target_max = torch.tensor(self.state["max_concentration"], device=device).float()
+        return target_stains, target_max / max_conc.clamp(min=1e-6)
+
+
 def chunk_patches(height: int, width: int) -> int:
     """Patches of height x width px per chunk: about ``CHUNK_PIXELS`` pixels, at most ``MAX_CHUNK_PATCHES``."""
     return max(1, min(CHUNK_PIXELS // (height * width), MAX_CHUNK_PATCHES))

@@ -7,21 +7,19 @@ import torch
 
 from common.stain_ops import (
     RUIFROK_HE,
-    StainNormalizer,
+    TwoStainNormalizer,
     h_then_e,
     keep_unusable,
     lab8,
     luminosity_mask,
     max_concentrations,
     optical_density,
-    reference_id,
     stains_usable,
     tissue_od_eigen,
-    two_stain_state,
 )
 
 
-class Vahadane(StainNormalizer):
+class Vahadane(TwoStainNormalizer):
     """Vahadane et al., "Structure-preserving color normalization and sparse stain separation for
     histological images", IEEE TMI 2016, with the conventions of staintools 2.1.2.
 
@@ -50,26 +48,6 @@ class Vahadane(StainNormalizer):
         "seed": 0,  # fixes which tissue pixels are subsampled
         "keep_residual": False,  # as Macenko's: True adds back the OD the two stains cannot represent
     }
-
-    @property
-    def stain_matrix(self) -> np.ndarray:
-        """float64 (2, 3): fitted stain optical densities, rows hematoxylin then eosin, unit length, >= 0."""
-        self._require_fitted()
-        return np.asarray(self.state["stain_matrix"], dtype=np.float64)
-
-    def fit(self, reference: np.ndarray) -> Vahadane:
-        """Estimate the reference from uint8 RGB (H, W, 3), or patches (N, H, W, 3); returns self.
-
-        The stains come from all reference pixels pooled; the target concentrations of a batch are the
-        median over its usable patches of each patch's own 99th percentiles (see ``two_stain_state``).
-
-        Raises:
-            StainError: bad array, or a reference with too little tissue / a single stain.
-        """
-        reference, (stains, max_conc, _), per_patch = self._reference_estimates(reference)
-        per_patch_max = None if per_patch is None else per_patch[1]
-        self.state = {**reference_id(reference), **two_stain_state(stains[0], max_conc[0], per_patch_max)}
-        return self
 
     def _features(self, images: np.ndarray, device: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(od float32 (U, 3, P), tissue bool (U, P)) of images (U, H, W, 3)."""
@@ -120,9 +98,7 @@ class Vahadane(StainNormalizer):
         """uint8 (n, H, W, 3) remixed with the reference stains, and ok (n,); unusable patches copied."""
         od = features[0]
         stains, max_conc, ok = source
-        target_stains = torch.tensor(self.state["stain_matrix"], device=od.device).float()
-        target_max = torch.tensor(self.state["max_concentration"], device=od.device).float()
-        scale = target_max / max_conc.clamp(min=1e-6)  # (n, 2)
+        target_stains, scale = self._target(max_conc, od.device)
         # Unusable patches get identity stains and zero factors, so that no NaN is ever cast to uint8.
         ok = ok & torch.isfinite(stains).all(dim=2).all(dim=1) & torch.isfinite(scale).all(dim=1)
         stains = torch.where(ok[:, None, None], stains, torch.eye(2, 3, device=od.device))

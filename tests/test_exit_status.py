@@ -56,7 +56,8 @@ def test_03_with_an_empty_pcam_train_exits_2(tmp_path, capsys):
     x = tissue(12)
     empty = patch_set(x[:0], np.zeros(0), "pcam")
     fake_step(cfg, "01_filter_pcam", {"train.h5": empty, "valid.h5": patch_set(x, np.zeros(12), "pcam"),
-                                      "test.h5": patch_set(x, np.zeros(12), "pcam")})
+                                      "test.h5": patch_set(x, np.zeros(12), "pcam"),
+                                      "test_official.h5": patch_set(x, np.zeros(12), "pcam")})
     fake_step(cfg, "02_tile_dlbcl", {"dlbcl.h5": patch_set(x, np.zeros(12), "dlbcl")})
     status, err = run("03_normalize", args, capsys)
     assert status == 2
@@ -68,7 +69,7 @@ def test_03_with_a_reference_without_tissue_exits_2(tmp_path, capsys):
     cfg = load_config(args[1])
     glass = np.full((12, 96, 96, 3), 242, np.uint8)  # the auto reference is drawn from PCam train
     fake_step(cfg, "01_filter_pcam",
-              {f"{s}.h5": patch_set(glass, np.zeros(12), "pcam") for s in ("train", "valid", "test")})
+              {f"{s}.h5": patch_set(glass, np.zeros(12), "pcam") for s in ("train", "valid", "test", "test_official")})
     fake_step(cfg, "02_tile_dlbcl", {"dlbcl.h5": patch_set(tissue(12), np.zeros(12), "dlbcl")})
     status, err = run("03_normalize", args, capsys)
     assert status == 2 and len(err) == 1

@@ -229,7 +229,7 @@ def test_decompressed_size_unwraps_the_32_bit_trailer(tmp_path):
 def test_torchvision_root_without_meta_csvs(tmp_path, filter_script, capsys):
     root = tmp_path / "tv"
     write_pcam(root / "pcam", meta=False)  # as torchvision.datasets.PCAM(root, download=True) leaves it
-    (root / "pcam" / "demo_junk.json").unlink()
+    (root / "pcam" / "demo_junk.csv").unlink()
     status, out, _ = run_01(filter_script, tmp_path, root, capsys)
     assert status == 0
     notes = [line for line in out.splitlines() if "no meta CSV" in line]

@@ -530,7 +530,7 @@ def fake_upstream(tmp_path: Path, n: int = 120) -> Path:
     from tests.conftest import ROOT
     rng = np.random.default_rng(0)
     tiles = reference_set()
-    for step, files in (("01_filter_pcam", ("train", "valid", "test")), ("02_tile_dlbcl", ("dlbcl",))):
+    for step, files in (("01_filter_pcam", ("train", "valid", "test", "test_official")), ("02_tile_dlbcl", ("dlbcl",))):
         folder = tmp_path / "runs" / "t" / step
         folder.mkdir(parents=True)
         for name in files:

@@ -18,6 +18,15 @@ from common.slides import _resize_batch
 from tests.conftest import ROOT, load_script
 
 
+def run_02_demo_config(tile_script, tmp_path: Path) -> None:
+    """02 with the demo config on tmp_path/dlbcl, one worker, into tmp_path/runs/t; it must succeed."""
+    config = {"base": str(ROOT / "configs" / "demo.yaml"),
+              "run": {"name": "t", "output_root": str(tmp_path / "runs")},
+              "data": {"dlbcl_dir": str(tmp_path / "dlbcl")}, "tile_dlbcl": {"workers": 1}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert tile_script.main(["--config", str(tmp_path / "c.yaml")]) == 0
+
+
 @pytest.fixture(scope="module")
 def tile_script():
     return load_script("02_tile_dlbcl")
@@ -38,11 +47,7 @@ def test_bad_rows_and_slides_are_skipped_and_named(tmp_path: Path, tile_script):
         "6,TA102,CD10,0,0,500,500",          # another stain: ignored, not skipped
     ]
     (tma / "annotations.csv").write_text("\n".join(["patient_id,tma_id,stain,xs,ys,xe,ye", *good, *extra]) + "\n")
-    config = {"base": str(ROOT / "configs" / "demo.yaml"),
-              "run": {"name": "t", "output_root": str(tmp_path / "runs")},
-              "data": {"dlbcl_dir": str(tmp_path / "dlbcl")}, "tile_dlbcl": {"workers": 1}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
-    assert tile_script.main(["--config", str(tmp_path / "c.yaml")]) == 0
+    run_02_demo_config(tile_script, tmp_path)
 
     out = tmp_path / "runs" / "t" / "02_tile_dlbcl"
     summary = json.loads((out / "summary.json").read_text())
@@ -225,11 +230,7 @@ def test_a_quarter_micron_slide_is_read_at_its_4x_level_and_only_what_is_kept(tm
     scale tolerance 02 reads level 1 (1.0 um/px); each patch equals a direct read_region of its 93 px at
     that level, enlarged to 96 px the same way; balance reads few negatives beyond those it keeps."""
     write_demo_dlbcl(tmp_path / "dlbcl", n_slides=1, cores_per_slide=2, seed=3, slide_mpp=0.25, workers=1)
-    config = {"base": str(ROOT / "configs" / "demo.yaml"),
-              "run": {"name": "t", "output_root": str(tmp_path / "runs")},
-              "data": {"dlbcl_dir": str(tmp_path / "dlbcl")}, "tile_dlbcl": {"workers": 1}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
-    assert tile_script.main(["--config", str(tmp_path / "c.yaml")]) == 0
+    run_02_demo_config(tile_script, tmp_path)
     out = tmp_path / "runs" / "t" / "02_tile_dlbcl"
     summary = json.loads((out / "summary.json").read_text())
     [record] = summary["slides"]
