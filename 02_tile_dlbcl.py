@@ -41,10 +41,10 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from common import cli, slides
+from common import cli, overview, slides
+from common.annotations import read_annotations
 from common.config import UserError
 from common.patchset import PatchSetWriter
-from common.slides import read_annotations
 from common.steps import begin_step, check_free_space, provenance, write_summary
 
 STEP = "02_tile_dlbcl"
@@ -71,7 +71,7 @@ def tile_one(job: dict) -> dict:
             **slides.tile_options(t), negatives=t["negatives"], balance=t["balance"], seed=job["seed"])
     except slides.SlideError as err:
         return {"tma_id": job["tma_id"], "error": str(err)}
-    slides.save_overview(job["overview"], result, boxes)
+    overview.save_overview(job["overview"], result, boxes)
     result.tissue = None
     return {"tma_id": job["tma_id"], "tiles": result}
 

@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from common import cli, data, engine, gradcam, models, plots, slidemap, slides, stain
+from common.annotations import read_annotations
 from common.config import UserError
 from common.steps import atomic_path, require_step, step_dir, write_experiments_summary, write_json, write_summary
 
@@ -71,7 +72,7 @@ def slide_maps(cfg: dict, model, meta: dict, device, folder: Path, split: dict) 
         return None
     tma = Path(cfg["data"]["dlbcl_dir"]) / "TMA"
     csv_path = tma / "annotations.csv"
-    rows = slides.read_annotations(csv_path, t["stain"])[0] if csv_path.is_file() else {}
+    rows = read_annotations(csv_path, t["stain"])[0] if csv_path.is_file() else {}
     # {tma_id: (int64 (R, 4) ROI boxes, str (R,) patient ids)}; a slide outside annotations.csv has no ROIs
     annotations = {k: (np.array([r[2] for r in v], np.int64), np.array([r[1] for r in v], str))
                    for k, v in rows.items()}

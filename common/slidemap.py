@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import engine, gradcam, models, plots, slides
+from common import engine, gradcam, models, plots, slide_io, slides
 from common.errors import UserError
 from common.steps import atomic_path
 
@@ -159,7 +159,7 @@ def map_slide(path, predict, normalizer, *, rois=None, roi_patients=None, target
     name = Path(path).name
     rois = np.asarray([] if rois is None else rois, np.int64).reshape(-1, 4)
     roi_patients = np.asarray([] if roi_patients is None else roi_patients, str)
-    slide = slides.open_slide(path)
+    slide = slide_io.open_slide(path)
     try:
         grid = slides.slide_grid(slide, name, target_mpp=target_mpp, patch_size_px=patch_size_px,
                                  mpp_override=mpp_override, allow_objective_power=allow_objective_power,
@@ -186,7 +186,7 @@ def map_slide(path, predict, normalizer, *, rois=None, roi_patients=None, target
                 kept_x.append(x)
             bar.update(len(ok))
         bar.close()
-    except slides.openslide.OpenSlideError as exc:
+    except slide_io.openslide.OpenSlideError as exc:
         raise slides.SlideError(f"cannot read slide {name}: {exc}") from exc
     finally:
         slide.close()

@@ -350,7 +350,7 @@ def luminosity_mask(lab: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def count_true(mask: torch.Tensor) -> torch.Tensor:
-    """int32 (U,) True entries per row of a bool (U, L) mask; summing its bytes is ~2x faster than a bool sum."""
+    """int32 (U,) True entries per row of a bool (U, L) mask; summing its bytes is faster than a bool sum."""
     return mask.view(torch.uint8).sum(dim=1, dtype=torch.int32)
 
 
@@ -401,7 +401,7 @@ def extremes(values: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     """(U, k) the k largest (descending) or smallest (ascending) values of each row of values (U, L)."""
     if values.device.type != "cpu" or not CPU_KERNELS:
         return values.topk(k, dim=1, largest=largest).values
-    # On the CPU numpy's introselect partition is ~5x faster than torch.topk; only the k-wide
+    # On the CPU numpy's introselect partition is faster than torch.topk; only the k-wide
     # block it isolates is then sorted.
     array = values.numpy()
     length = array.shape[1]

@@ -1,4 +1,4 @@
-"""Tests for common/slides.py on the real slides in tests/data/slides and on pyramidal TIFFs
+"""Tests for common/slides.py and common/slide_io.py on the real slides in tests/data/slides and on pyramidal TIFFs
 written here with tifffile: scale and level choice, exact reads, bounded reads, bad inputs, overview."""
 
 from pathlib import Path
@@ -9,21 +9,9 @@ import openslide
 import pytest
 import tifffile
 
-from common.slides import (
-    OVERVIEW_COLOURS,
-    OVERVIEW_TITLE_PX,
-    SlideError,
-    open_slide,
-    pick_level,
-    read_patches,
-    read_rgb,
-    read_thumbnail,
-    roi_grid,
-    save_overview,
-    slide_mpp,
-    tile_slide,
-    tile_tissue,
-)
+from common.overview import OVERVIEW_COLOURS, OVERVIEW_TITLE_PX, save_overview
+from common.slide_io import SlideError, open_slide, pick_level, read_patches, read_rgb, read_thumbnail, slide_mpp
+from common.slides import roi_grid, tile_slide, tile_tissue
 
 SLIDES = Path(__file__).resolve().parent / "data" / "slides"
 CMU = SLIDES / "cmu-1-small-region.svs"  # Aperio, one level, 2220 x 2967, mpp 0.499

@@ -14,7 +14,7 @@ from common import cli
 from common.config import UserError
 from common.demo import write_demo_dlbcl
 from common.patchset import read_patch_set
-from common.slides import _resize_batch
+from common.slide_io import _resize_batch
 from tests.conftest import ROOT, load_script
 
 
