@@ -15,7 +15,7 @@ exclusive), one id and one group (patient id) per ROI.
 Outputs (``tile_slide``, a ``SlideTiles``; its figure: ``common.overview``): positives -- ``patch_size_px`` patches on a grid inside each
 ROI, label 1; negatives -- grid cells over tissue that touch no ROI, label 0; both quality-filtered with
 ``common.filters.filter_patches``; per-label counts, skipped ROIs with reasons, and the thumbnail for
-``save_overview``.
+``common.overview.save_overview``.
 
 The stages are public for other users of 02's grid (e.g. whole-slide prediction maps): ``slide_grid``
 (scale, level, patch side), ``read_tissue`` / ``tissue_cells`` (thumbnail tissue test, cells of the
@@ -25,7 +25,7 @@ slide-wide grid, ``TissueMap.pieces`` for the connected tissue piece -- a TMA co
 
 Usage:
     result = tile_slide("TMA/HE/131.svs", rois, roi_ids, groups, target_mpp=0.972)
-    save_overview("overview/131.png", result, rois)
+    overview.save_overview("overview/131.png", result, rois)  # common.overview
     whole = tile_tissue("TMA/HE/131.svs", **tile_options(cfg["tile_dlbcl"]))  # whole.x, .coords, .core
 """
 
