@@ -12,7 +12,7 @@ area) are composited on white.
 
 Inputs: a slide path, ROI boxes ``int (R, 4)`` as (xs, ys, xe, ye) in level-0 pixels (xe, ye
 exclusive), one id and one group (patient id) per ROI.
-Outputs (``tile_slide``, a ``SlideTiles``; its figure: ``common.overview``): positives -- ``patch_size_px`` patches on a grid inside each
+Outputs (``tile_slide``, a ``SlideTiles``): positives -- ``patch_size_px`` patches on a grid inside each
 ROI, label 1; negatives -- grid cells over tissue that touch no ROI, label 0; both quality-filtered with
 ``common.filters.filter_patches``; per-label counts, skipped ROIs with reasons, and the thumbnail for
 ``common.overview.save_overview``.
