@@ -41,7 +41,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from common import cli, overview, slides
+from common import cli, filters, overview, slides
 from common.annotations import read_annotations
 from common.config import UserError
 from common.patchset import PatchSetWriter
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     check_free_space(out, estimate_bytes(jobs, t), "dlbcl.h5",
                      "free space there or point run.output_root at a larger disk")
     workers = min(t["workers"], max(1, len(jobs)))
-    per_slide, found = [], {"lymphoma": 0, "negative": 0}
+    per_slide, found, kept_value = [], {"lymphoma": 0, "negative": 0}, []
     with PatchSetWriter(out / "dlbcl.h5", source="dlbcl", split="all", mpp=t["target_mpp"],
                         provenance=provenance(cfg, STEP)) as writer:
         for res in tqdm(tile_in_order(jobs, workers), total=len(jobs), desc="tile slides", unit="slide"):
@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             skipped += tiles.skipped
             found["lymphoma"] += int((tiles.y == 1).sum())
             found["negative"] += int((tiles.y == 0).sum())
+            kept_value.append(filters.hsv_means(tiles.x)[:, 2])  # the brightness rule's measure, as in 01
             per_slide.append({"slide": res["tma_id"], "level": tiles.grid.level, "level_mpp": tiles.grid.level_mpp,
                               "patches_read": tiles.patches_read, "patches_kept": len(tiles.y),
                               "counts": tiles.counts})
@@ -222,11 +223,20 @@ def main(argv: list[str] | None = None) -> int:
               "usable negatives than lymphoma patches (see tile_dlbcl.negatives)")
         n_pos = n_neg
     n_read = sum(s["patches_read"] for s in per_slide)
+    by_reason = Counter()
+    for part in per_slide:
+        for cls in ("positive", "negative"):
+            by_reason.update(part["counts"][cls]["rejected"])
+    by_reason = {r: by_reason[r] for r in filters.REJECT_REASONS if by_reason[r]}
+    brightness = filters.brightness_summary(np.concatenate(kept_value))  # before a balance trim
     write_summary(out, STEP, cfg, started, n_patches=n_pos + n_neg, n_positive=n_pos, n_negative=n_neg,
-                  patches_read=n_read, n_positive_dropped_by_balance=n_trimmed,
+                  patches_read=n_read, n_positive_dropped_by_balance=n_trimmed, rejected_by_reason=by_reason,
+                  kept_mean_value=brightness,
                   negatives_are=NEGATIVES_ARE[t["negatives"]], slides=per_slide, skipped=skipped, outputs=["dlbcl.h5"])
     print(f"   wrote {n_pos + n_neg} patches ({n_pos} lymphoma, {n_neg} negative) from {len(per_slide)} slides, "
           f"{n_read} read; {len(skipped)} items skipped (see summary.json)")
+    print(f"   rejected by reason: {', '.join(f'{r} {n}' for r, n in by_reason.items()) or 'none'}; kept mean V "
+          f"p5/p50/p95 {brightness['p5']:.4f}/{brightness['p50']:.4f}/{brightness['p95']:.4f}")
     print(f"   negatives: {NEGATIVES_ARE[t['negatives']]}")
     return 0
 

@@ -98,7 +98,7 @@ class OptionalSection:
 
 
 UNIT = dict(minimum=0.0, maximum=1.0)
-METHODS = ("none", "macenko", "vahadane", "reinhard")
+METHODS = ("none", "macenko", "vahadane", "reinhard")  # = common.stain.METHODS (tested): no torch import here
 SPLITS = ("train", "valid", "test")
 
 # One task of `tasks:` (config.yaml explains each key).

@@ -188,3 +188,9 @@ def test_one_brightness_rule_for_both_sources():
     both = load_config(ROOT / "config.yaml", ["tile_dlbcl.value_range=[0.2, 0.8]",
                                               "filter_pcam.value_range=[0.2, 0.8]"])
     assert both["tile_dlbcl"]["value_range"] == [0.2, 0.8]
+
+
+def test_the_config_offers_exactly_the_stain_methods_there_are():
+    # config.py cannot import common.stain (torch) to validate a config, so it names the methods itself
+    from common import config, stain
+    assert config.METHODS == stain.METHODS

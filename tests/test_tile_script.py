@@ -5,12 +5,13 @@ import re
 import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 import openslide
 import pytest
 import yaml
 
-from common import cli
+from common import cli, filters
 from common.config import UserError
 from common.demo import write_demo_dlbcl
 from common.patchset import read_patch_set
@@ -53,6 +54,17 @@ def test_bad_rows_and_slides_are_skipped_and_named(tmp_path: Path, tile_script):
     summary = json.loads((out / "summary.json").read_text())
     reasons = sorted((s["item"], s["reason"]) for s in summary["skipped"])
     assert ("annotations.csv row " + str(len(good) + 2), "malformed_row") in reasons
+    # rejection counts per reason over all slides and both classes, and the kept patches' brightness
+    total = {}
+    for part in summary["slides"]:
+        for cls in ("positive", "negative"):
+            for reason, n in part["counts"][cls]["rejected"].items():
+                total[reason] = total.get(reason, 0) + n
+    assert summary["rejected_by_reason"] == {r: n for r, n in total.items() if n}
+    with h5py.File(out / "dlbcl.h5") as f:
+        kept_value = filters.hsv_means(f["x"][:])[:, 2]
+    if not summary["n_positive_dropped_by_balance"]:
+        assert summary["kept_mean_value"] == filters.brightness_summary(kept_value)
     assert ("slide TA999", "missing_slide") in reasons and ("slide TA103", "slide_error") in reasons
     counts = {}
     for s in summary["skipped"]:
