@@ -9,8 +9,10 @@ from tests.conftest import ROOT
 
 def make_commands(target: str) -> list[str]:
     """The commands `make <target>` would run from scratch (dry run, every prerequisite out of date)."""
-    proc = subprocess.run(["make", "-n", "-B", target], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          check=True)
+    # --no-print-directory: under `make test` (CI) this make is a sub-make, which would print
+    # "Entering directory" lines
+    proc = subprocess.run(["make", "--no-print-directory", "-n", "-B", target], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, check=True)
     return [line for line in proc.stdout.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
