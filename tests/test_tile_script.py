@@ -19,13 +19,14 @@ from common.slide_io import _resize_batch
 from tests.conftest import ROOT, load_script
 
 
-def run_02_demo_config(tile_script, tmp_path: Path) -> None:
-    """02 with the demo config on tmp_path/dlbcl, one worker, into tmp_path/runs/t; it must succeed."""
+def run_02_demo_config(tile_script, tmp_path: Path, **tile_dlbcl) -> int:
+    """02's exit status with the demo config on tmp_path/dlbcl, one worker (and `tile_dlbcl` keys), into
+    tmp_path/runs/t."""
     config = {"base": str(ROOT / "configs" / "demo.yaml"),
               "run": {"name": "t", "output_root": str(tmp_path / "runs")},
-              "data": {"dlbcl_dir": str(tmp_path / "dlbcl")}, "tile_dlbcl": {"workers": 1}}
+              "data": {"dlbcl_dir": str(tmp_path / "dlbcl")}, "tile_dlbcl": {"workers": 1, **tile_dlbcl}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
-    assert tile_script.main(["--config", str(tmp_path / "c.yaml")]) == 0
+    return cli.run(tile_script.main, ["--config", str(tmp_path / "c.yaml")])
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def test_bad_rows_and_slides_are_skipped_and_named(tmp_path: Path, tile_script):
         "6,TA102,CD10,0,0,500,500",          # another stain: ignored, not skipped
     ]
     (tma / "annotations.csv").write_text("\n".join(["patient_id,tma_id,stain,xs,ys,xe,ye", *good, *extra]) + "\n")
-    run_02_demo_config(tile_script, tmp_path)
+    assert run_02_demo_config(tile_script, tmp_path) == 0
 
     out = tmp_path / "runs" / "t" / "02_tile_dlbcl"
     summary = json.loads((out / "summary.json").read_text())
@@ -86,11 +87,7 @@ def test_zero_patches_is_a_failure_with_a_summary(tmp_path: Path, tile_script):
     tma = tmp_path / "dlbcl" / "TMA"
     tma.mkdir(parents=True)
     (tma / "annotations.csv").write_text("patient_id,tma_id,stain,xs,ys,xe,ye\n1,TA1,HE,0,0,500,500\n")
-    config = {"base": str(ROOT / "configs" / "demo.yaml"),
-              "run": {"name": "t", "output_root": str(tmp_path / "runs")},
-              "data": {"dlbcl_dir": str(tmp_path / "dlbcl")}, "tile_dlbcl": {"workers": 1}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
-    assert cli.run(tile_script.main, ["--config", str(tmp_path / "c.yaml")]) == 2
+    assert run_02_demo_config(tile_script, tmp_path) == 2
     summary = json.loads((tmp_path / "runs" / "t" / "02_tile_dlbcl" / "summary.json").read_text())
     assert summary["n_patches"] == 0 and summary["skipped"][0]["reason"] == "missing_slide"
     assert summary["outputs"] == []
@@ -219,11 +216,7 @@ def test_every_slide_without_mpp_is_exit_2_with_advice_that_fits_the_slide(tmp_p
     (tma / "HE").mkdir(parents=True)
     shutil.copy(ROOT / "tests" / "data" / "slides" / "tcga-cr-7395-01a-01-ts1.svs", tma / "HE" / "TA1.svs")
     (tma / "annotations.csv").write_text("patient_id,tma_id,stain,xs,ys,xe,ye\n7,TA1,HE,1500,1000,2600,2000\n")
-    config = {"base": str(ROOT / "configs" / "demo.yaml"),
-              "run": {"name": "t", "output_root": str(tmp_path / "runs")},
-              "data": {"dlbcl_dir": str(tmp_path / "dlbcl")}, "tile_dlbcl": {"workers": 1}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
-    assert cli.run(tile_script.main, ["--config", str(tmp_path / "c.yaml")]) == 2
+    assert run_02_demo_config(tile_script, tmp_path) == 2
     error = last_error_line(capsys)
     assert error.startswith("error: no lymphoma patches (0 lymphoma, 0 negative from 0 of 1 slides); "
                             "top reasons: slide_error 1; no slide could be tiled, slide TA1: slide TA1.svs (aperio, "
@@ -232,9 +225,7 @@ def test_every_slide_without_mpp_is_exit_2_with_advice_that_fits_the_slide(tmp_p
                             "2.2 x 1.8 mm) and 0.25 at 40x (1.1 x 0.9 mm)")
     summary = json.loads((tmp_path / "runs" / "t" / "02_tile_dlbcl" / "summary.json").read_text())
     assert summary["outputs"] == [] and summary["skipped"][0]["reason"] == "slide_error"
-    config["tile_dlbcl"]["mpp_override"] = 0.25
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
-    assert cli.run(tile_script.main, ["--config", str(tmp_path / "c.yaml")]) == 0
+    assert run_02_demo_config(tile_script, tmp_path, mpp_override=0.25) == 0
 
 
 def test_a_quarter_micron_slide_is_read_at_its_4x_level_and_only_what_is_kept(tmp_path, tile_script):
@@ -242,7 +233,7 @@ def test_a_quarter_micron_slide_is_read_at_its_4x_level_and_only_what_is_kept(tm
     scale tolerance 02 reads level 1 (1.0 um/px); each patch equals a direct read_region of its 93 px at
     that level, enlarged to 96 px the same way; balance reads few negatives beyond those it keeps."""
     write_demo_dlbcl(tmp_path / "dlbcl", n_slides=1, cores_per_slide=2, seed=3, slide_mpp=0.25, workers=1)
-    run_02_demo_config(tile_script, tmp_path)
+    assert run_02_demo_config(tile_script, tmp_path) == 0
     out = tmp_path / "runs" / "t" / "02_tile_dlbcl"
     summary = json.loads((out / "summary.json").read_text())
     [record] = summary["slides"]
