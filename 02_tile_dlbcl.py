@@ -113,8 +113,9 @@ def estimate_bytes(jobs: list[dict], t: dict) -> float:
     return n_patches * per_patch
 
 
-def trim_positives(path: Path, n_drop: int, rng: np.random.Generator) -> None:
-    """Remove ``n_drop`` random label-1 patches from a patch set, copying it in chunks (memory bounded)."""
+def trim_positives(path: Path, n_drop: int, rng: np.random.Generator) -> np.ndarray:
+    """Remove ``n_drop`` random label-1 patches from a patch set, copying it in chunks (memory bounded);
+    returns bool (N,): the rows kept."""
     with h5py.File(path, "r") as f:
         y = f["y"][:]
     keep = np.ones(len(y), bool)
@@ -130,6 +131,7 @@ def trim_positives(path: Path, n_drop: int, rng: np.random.Generator) -> None:
             writer.append(f["x"][rows][chunk], f["y"][rows][chunk], f["group"].asstr()[rows][chunk],
                           f["coords"][rows][chunk])
     untrimmed.unlink()
+    return keep
 
 
 def failure_message(empty: list[str], found: dict[str, int], skipped: list[dict], parts: list[dict],
@@ -215,10 +217,11 @@ def main(argv: list[str] | None = None) -> int:
 
     n_pos, n_neg = found["lymphoma"], found["negative"]
     n_trimmed = n_pos - n_neg if t["balance"] and 0 < n_neg < n_pos else 0
+    kept_value = np.concatenate(kept_value)  # per written patch, in file order
     if n_trimmed:
         # Some slides had fewer usable negatives than lymphoma patches: drop lymphoma patches at random
         # across all slides (one streaming copy of the file, only in this case) to keep 50/50.
-        trim_positives(out / "dlbcl.h5", n_trimmed, np.random.default_rng(cfg["run"]["seed"]))
+        kept_value = kept_value[trim_positives(out / "dlbcl.h5", n_trimmed, np.random.default_rng(cfg["run"]["seed"]))]
         print(f"   balance: dropped {n_pos - n_neg} of {n_pos} lymphoma patches, since some slides have fewer "
               "usable negatives than lymphoma patches (see tile_dlbcl.negatives)")
         n_pos = n_neg
@@ -228,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         for cls in ("positive", "negative"):
             by_reason.update(part["counts"][cls]["rejected"])
     by_reason = {r: by_reason[r] for r in filters.REJECT_REASONS if by_reason[r]}
-    brightness = filters.brightness_summary(np.concatenate(kept_value))  # before a balance trim
+    brightness = filters.brightness_summary(kept_value)
     write_summary(out, STEP, cfg, started, n_patches=n_pos + n_neg, n_positive=n_pos, n_negative=n_neg,
                   patches_read=n_read, n_positive_dropped_by_balance=n_trimmed, rejected_by_reason=by_reason,
                   kept_mean_value=brightness,

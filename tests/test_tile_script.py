@@ -55,17 +55,11 @@ def test_bad_rows_and_slides_are_skipped_and_named(tmp_path: Path, tile_script):
     summary = json.loads((out / "summary.json").read_text())
     reasons = sorted((s["item"], s["reason"]) for s in summary["skipped"])
     assert ("annotations.csv row " + str(len(good) + 2), "malformed_row") in reasons
-    # rejection counts per reason over all slides and both classes, and the kept patches' brightness
-    total = {}
-    for part in summary["slides"]:
-        for cls in ("positive", "negative"):
-            for reason, n in part["counts"][cls]["rejected"].items():
-                total[reason] = total.get(reason, 0) + n
-    assert summary["rejected_by_reason"] == {r: n for r, n in total.items() if n}
+    # the kept patches' brightness, over what is written (after the balance trim)
     with h5py.File(out / "dlbcl.h5") as f:
         kept_value = filters.hsv_means(f["x"][:])[:, 2]
-    if not summary["n_positive_dropped_by_balance"]:
-        assert summary["kept_mean_value"] == filters.brightness_summary(kept_value)
+    assert summary["n_positive_dropped_by_balance"] > 0  # the brightness covers what is left after the trim
+    assert summary["kept_mean_value"] == filters.brightness_summary(kept_value)
     assert ("slide TA999", "missing_slide") in reasons and ("slide TA103", "slide_error") in reasons
     counts = {}
     for s in summary["skipped"]:
@@ -266,3 +260,15 @@ def test_too_little_disk_space_stops_before_tiling(tmp_path, tile_script, demo_d
     assert status == 2 and not list(out.glob("*.h5*")) and not list((out / "overview").iterdir())
     assert re.match(r"error: not enough disk space in .* for dlbcl\.h5: needs about 0\.0 GB, 0\.0 GB free; "
                     r"free space there or point run\.output_root at a larger disk$", last_error_line(capsys))
+
+
+def test_rejections_per_reason_account_for_every_patch_read_and_not_written(tmp_path: Path, tile_script):
+    # A focus floor among the demo patches' Laplacian variances rejects part of them, as out_of_focus only;
+    # without balance every patch read is either rejected or written.
+    write_demo_dlbcl(tmp_path / "dlbcl", n_slides=1, cores_per_slide=2, seed=5, workers=1)
+    assert run_02_demo_config(tile_script, tmp_path, min_laplacian_var=0.02, balance=False) == 0
+    summary = json.loads((tmp_path / "runs" / "t" / "02_tile_dlbcl" / "summary.json").read_text())
+    rejected = summary["rejected_by_reason"]
+    assert set(rejected) == {"out_of_focus"} and rejected["out_of_focus"] > 0
+    written_before_trim = summary["n_patches"] + summary["n_positive_dropped_by_balance"]
+    assert sum(rejected.values()) == summary["patches_read"] - written_before_trim
