@@ -41,9 +41,10 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from common import cli, filters, pcam, plots
-from common.config import SPLITS, UserError
+from common import cli, filter_search, filters, pcam, plots
+from common.errors import UserError
 from common.patchset import PatchSetWriter
+from common.schema import SPLITS
 from common.steps import begin_step, check_free_space, provenance, write_json, write_summary
 
 STEP = "01_filter_pcam"
@@ -280,7 +281,8 @@ def grid_search(cfg: dict, fx, fy, split: str, out: Path, thresholds: dict) -> d
             candidate = with_value(thresholds, key, end, value)
             candidates.append(candidate)
             tags.append({"knob": knob_name(key, end), "value": value})
-            inside, outside = filters.borderline(margin(measures, key, end, column, value), eligible, SWEEP_PER_ROW)
+            distance = margin(measures, key, end, column, value)
+            inside, outside = filter_search.borderline(distance, eligible, SWEEP_PER_ROW)
             kept = filters.keep_from_means(measures, **candidate)[0].mean()
             mark = " (configured)" if value == current else ""
             rows.append((f"{knob_name(key, end)} = {value:g}{mark}: {kept:.1%} of the sample kept",
@@ -290,7 +292,7 @@ def grid_search(cfg: dict, fx, fy, split: str, out: Path, thresholds: dict) -> d
             f"01 · grid search on {len(index)} PCam {split} patches: {knob_name(key, end)} "
             "(others as configured)", rows))
     results = [{**tag, **row} for tag, row in
-               zip(tags, filters.grid_search(measures, candidates, labels=y, is_junk=is_junk), strict=True)]
+               zip(tags, filter_search.grid_search(measures, candidates, labels=y, is_junk=is_junk), strict=True)]
     # Without known junk there is no F1: any "best" would just be the loosest candidate, so there is none.
     scored = [r for r in results if np.isfinite(r.get("f1", float("nan")))]
     best = max(scored, key=lambda r: r["f1"]) if scored else None

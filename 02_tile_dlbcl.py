@@ -41,9 +41,9 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from common import cli, filters, overview, slides
+from common import cli, filters, overview, slide_io, slides, tiling
 from common.annotations import read_annotations
-from common.config import UserError
+from common.errors import UserError
 from common.patchset import PatchSetWriter
 from common.steps import begin_step, check_free_space, provenance, write_summary
 
@@ -68,8 +68,8 @@ def tile_one(job: dict) -> dict:
         result = slides.tile_slide(
             job["path"], boxes,
             [f"{job['tma_id']} row {r[0]}" for r in rois], [r[1] for r in rois],
-            **slides.tile_options(t), negatives=t["negatives"], balance=t["balance"], seed=job["seed"])
-    except slides.SlideError as err:
+            **tiling.tile_options(t), negatives=t["negatives"], balance=t["balance"], seed=job["seed"])
+    except slide_io.SlideError as err:
         return {"tma_id": job["tma_id"], "error": str(err)}
     overview.save_overview(job["overview"], result, boxes)
     result.tissue = None
@@ -100,11 +100,11 @@ def estimate_bytes(jobs: list[dict], t: dict) -> float:
     n_patches = 0
     for job in jobs:
         try:
-            with slides.open_slide(job["path"]) as slide:
-                grid = slides.slide_grid(slide, Path(job["path"]).name, target_mpp=t["target_mpp"],
+            with slide_io.open_slide(job["path"]) as slide:
+                grid = tiling.slide_grid(slide, Path(job["path"]).name, target_mpp=t["target_mpp"],
                                          mpp_override=t["mpp_override"], scale_tolerance=t["scale_tolerance"],
                                          allow_objective_power=t["allow_objective_power"])
-        except slides.SlideError:
+        except slide_io.SlideError:
             continue
         boxes = np.array([r[2] for r in job["rois"]], np.float64).reshape(-1, 4)
         sides = np.clip(boxes[:, 2:] - boxes[:, :2], 0, None) // grid.patch_level0_px

@@ -48,7 +48,7 @@ import torch
 from tqdm import tqdm
 
 from common import cli, plots, stain
-from common.config import UserError
+from common.errors import UserError
 from common.patchset import PatchSet, read_patch_set, write_patch_set
 from common.steps import (
     begin_step,

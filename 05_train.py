@@ -54,7 +54,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from common import cli, data, engine, models, plots
-from common.config import UserError, public
+from common.config import public
+from common.errors import UserError
 from common.steps import json_text, require_step, write_experiments_summary, write_json, write_summary
 
 STEP = "05_train"

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import cli, data, engine, gradcam, models, plots, slidemap, slides, stain
+from common import cli, data, engine, gradcam, models, plots, slide_io, slidemap, stain, tiling
 from common.annotations import read_annotations
-from common.config import UserError
+from common.errors import UserError
 from common.steps import atomic_path, require_step, step_dir, write_experiments_summary, write_json, write_summary
 
 STEP = "07_gradcam"
@@ -93,9 +93,9 @@ def slide_maps(cfg: dict, model, meta: dict, device, folder: Path, split: dict) 
         boxes, patients = annotations.get(path.stem, (None, None))
         try:
             smap, _ = slidemap.map_slide(
-                path, predict, normalizer, rois=boxes, roi_patients=patients, **slides.tile_options(t),
+                path, predict, normalizer, rois=boxes, roi_patients=patients, **tiling.tile_options(t),
                 device=str(device), cam=cam)
-        except slides.SlideError as err:
+        except slide_io.SlideError as err:
             failed.append({"slide": str(path), "error": str(err)})
             print(f"   skipped slide {path}: {err}")
             continue

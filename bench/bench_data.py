@@ -34,7 +34,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from common import data, demo, filters, models, slides
+from common import data, demo, filters, models, slide_io, slides
 
 SLIDE_MPP = 0.25  # um/px at level 0: a 40x scan like DLBCL-Morph's; 02 reads its 4x level for 0.972
 BATCH_SIZE = 64  # the thesis's batch size
@@ -107,7 +107,7 @@ def bench_tiling(settings: Settings) -> Result:
 
         def ours_read(read_threads: int | None = None) -> np.ndarray:
             with openslide.OpenSlide(str(path)) as slide:
-                return slides.read_patches(slide, coords, patch_level0_px, level, 96, read_threads=read_threads)
+                return slide_io.read_patches(slide, coords, patch_level0_px, level, 96, read_threads=read_threads)
 
         def baseline() -> np.ndarray:
             with openslide.OpenSlide(str(path)) as slide:

@@ -23,7 +23,7 @@ import torch
 from bench_data import _demo_slide
 from bench_timing import REAL_DIR, Result, Settings, compare
 
-from common import models, slidemap, slides, stain
+from common import models, slidemap, stain, tiling
 
 MEAN, STD = (0.70, 0.55, 0.70), (0.15, 0.20, 0.15)
 
@@ -46,7 +46,7 @@ def bench_slide_map(settings: Settings) -> Result:
         mean_t = torch.as_tensor(MEAN, dtype=torch.float32)
         std_t = torch.as_tensor(STD, dtype=torch.float32)
         with openslide.OpenSlide(str(path)) as slide:
-            level = slides.slide_grid(slide, path.name).level  # the level 02 and map_slide read
+            level = tiling.slide_grid(slide, path.name).level  # the level 02 and map_slide read
             crop_px = round(smap.size_px / slide.level_downsamples[level])
             dims = slide.dimensions
 

@@ -10,8 +10,9 @@ Plus ``--compile``: ours with ``torch.compile`` (ResNet-18, large batch only, to
 and stain normalisation: ``common.stain`` Macenko on the GPU vs the same on the CPU.
 Goal: ResNet-18 ours >= 100k images/s at the large batch on an H200.
 
-Needs torch, numpy and OpenCV only (no openslide, no project venv); uses ``common.models`` /
-``common.data`` / torchvision / PIL where importable and equivalent local code where not.
+Runs under the GPU machine's own Python (torch, torchvision, OpenCV, h5py, scikit-learn, PyYAML, tqdm; no
+openslide, no project venv): the loop is built from 05's own ``common.models.build_model`` /
+``common.models.to_input`` / ``common.data.augment``, and PIL serves the naive baseline.
 Inputs: real H&E crops from ``tests/data`` when present, else synthetic Beer-Lambert patches
 (training speed does not depend on pixel content). Output: JSON (default bench/gpu_results.json).
 
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -41,80 +43,12 @@ sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
 
 from bench_timing import real_patches, stain_target  # noqa: E402  (needs the path above)
 
+from common.data import augment  # noqa: E402
+from common.models import build_model, to_input  # noqa: E402
 from common.stain import make_normalizer  # noqa: E402
-
-try:
-    from common.data import augment
-    from common.models import to_input
-    LOOP_CODE = "common.data.augment + common.models.to_input"
-except ImportError:  # the GPU machine may lack pyyaml / tqdm / torchvision that those modules import
-    LOOP_CODE = "local copies of augment + to_input"
-
-    def to_input(batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool) -> torch.Tensor:
-        """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) (x / 255 - mean) / std, as common.models.to_input."""
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        x = batch.permute(0, 3, 1, 2).contiguous(memory_format=fmt)
-        return torch.addcmul((-mean / std).view(1, 3, 1, 1), x, (1.0 / (255.0 * std)).view(1, 3, 1, 1))
-
-    def augment(batch: torch.Tensor, generator: torch.Generator, flips: bool, rot90: bool) -> torch.Tensor:
-        """A random dihedral transform per uint8 (N, H, W, C) patch in one gather, as common.data.augment."""
-        n, h, w, c = batch.shape
-        grid = torch.arange(h * w).view(h, w)
-        views = [torch.rot90(grid, k) for k in range(4)]
-        maps = torch.stack([v.reshape(-1) for v in views + [v.flip(1) for v in views]]).to(batch.device)
-        transform = torch.randint(0, 8, (n,), generator=generator).to(batch.device)
-        index = maps[transform][..., None].expand(-1, -1, c)
-        return torch.gather(batch.reshape(n, h * w, c), 1, index).view(n, h, w, c)
-
-
-try:
-    from PIL import Image
-except ImportError:
-    Image = None
 
 MEAN = torch.tensor([0.70, 0.55, 0.70])  # typical H&E channel means / stds on the 0-1 scale
 STD = torch.tensor([0.15, 0.20, 0.15])
-
-
-# ------------------------------------------------------------------------------------------ models
-class _Block(nn.Module):
-    """ResNet residual block: basic (two 3x3) or bottleneck (1x1, 3x3, 1x1, 4x wider output)."""
-
-    def __init__(self, in_ch: int, width: int, stride: int, bottleneck: bool):
-        super().__init__()
-        out_ch = width * (4 if bottleneck else 1)
-
-        def conv(cin: int, cout: int, k: int, s: int = 1) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, k, s, k // 2, bias=False), nn.BatchNorm2d(cout)]
-
-        if bottleneck:
-            body = [*conv(in_ch, width, 1), nn.ReLU(True), *conv(width, width, 3, stride), nn.ReLU(True),
-                    *conv(width, out_ch, 1)]
-        else:
-            body = [*conv(in_ch, width, 3, stride), nn.ReLU(True), *conv(width, out_ch, 3)]
-        self.body = nn.Sequential(*body)
-        self.skip = nn.Sequential(*conv(in_ch, out_ch, 1, stride)) if stride != 1 or in_ch != out_ch else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.body(x) + self.skip(x))
-
-
-def build_resnet(depth: int) -> nn.Module:
-    """ResNet-18 or -50 with one output logit: torchvision's when installed, else the same layers here."""
-    try:
-        import torchvision
-
-        return getattr(torchvision.models, f"resnet{depth}")(num_classes=1)
-    except ImportError:
-        blocks, bottleneck = {18: ((2, 2, 2, 2), False), 50: ((3, 4, 6, 3), True)}[depth]
-        layers: list[nn.Module] = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(True),
-                                   nn.MaxPool2d(3, 2, 1)]
-        in_ch = 64
-        for stage, count in enumerate(blocks):
-            for i in range(count):
-                layers.append(_Block(in_ch, 64 * 2**stage, 2 if i == 0 and stage > 0 else 1, bottleneck))
-                in_ch = 64 * 2**stage * (4 if bottleneck else 1)
-        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_ch, 1))
 
 
 # ------------------------------------------------------------------------------------------ loops
@@ -137,7 +71,7 @@ def ours_rate(depth: int, x: np.ndarray, batch_size: int, device: torch.device, 
               seconds: float, warmup_steps: int) -> float:
     """Images/s of 05's training step (bf16 + channels-last on CUDA, augmentation on the device)."""
     cuda = device.type == "cuda"
-    model = build_resnet(depth).to(device)
+    model = build_model(f"resnet{depth}", 1).to(device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-3)
@@ -186,23 +120,19 @@ class _PilPatches(Dataset):
 
     def __getitem__(self, i: int):
         rng = np.random.default_rng()
-        if Image is not None:
-            image = Image.fromarray(self.x[i])
-            if rng.random() < 0.5:
-                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            if rng.random() < 0.5:
-                image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
-            array = np.array(image)
-        else:
-            array = self.x[i][:, ::-1] if rng.random() < 0.5 else self.x[i]
-        tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float() / 255.0
+        image = Image.fromarray(self.x[i])
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+        tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0
         return (tensor - MEAN[:, None, None]) / STD[:, None, None], float(i % 2)
 
 
 def naive_rate(depth: int, x: np.ndarray, batch_size: int, device: torch.device, workers: int, seconds: float,
                warmup_steps: int) -> float:
     """Images/s of a plain fp32 loop fed by a DataLoader of per-image PIL transforms."""
-    model = build_resnet(depth).to(device).train()
+    model = build_model(f"resnet{depth}", 1).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-3)
     criterion = nn.BCEWithLogitsLoss()
     loader = DataLoader(_PilPatches(x), batch_size=batch_size, shuffle=True, num_workers=workers,
@@ -260,10 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     workers = min(8, len(os.sched_getaffinity(0)))
     x, target, content = patches(max(batches) * (2 if args.quick else 8))
     name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
-    machine = {"device": name, "torch": torch.__version__, "cpu_workers": workers, "loop_code": LOOP_CODE,
-               "pil": Image is not None, "content": content,
+    machine = {"device": name, "torch": torch.__version__, "cpu_workers": workers, "content": content,
                "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-    print(f"gpu_check on {name} ({device}), torch {torch.__version__}; {LOOP_CODE}; {content}", flush=True)
+    print(f"gpu_check on {name} ({device}), torch {torch.__version__}; {content}", flush=True)
 
     results, started = {}, time.time()
 

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from sklearn.model_selection import StratifiedGroupKFold
 
-from common.config import SPLITS, UserError
+from common.errors import UserError
+from common.schema import SPLITS
 from common.steps import atomic_path
 
 SPLIT_COLUMNS = ("split", "file", "index", "group", "source", "label")

@@ -43,7 +43,6 @@ import numpy as np
 import openslide
 import tifffile
 
-from common.config import UserError
 from common.demo_render import (
     CHUNK_PX,
     CORE_RADIUS_UM,
@@ -57,11 +56,12 @@ from common.demo_render import (
     render_pcam_chunk,
     roi_boxes,
 )
+from common.errors import UserError
+from common.schema import SPLITS
 
 # ---------------------------------------------------------------------------------------------------
 # Scales and formats
 # ---------------------------------------------------------------------------------------------------
-SPLITS = ("train", "valid", "test")
 PCAM_PREFIX = "camelyonpatch_level_2_split_"
 PCAM_META_HEADER = ["", "coord_y", "coord_x", "tumor_patch", "center_tumor_patch", "wsi"]
 DLBCL_HEADER = ["patient_id", "tma_id", "stain", "xs", "ys", "xe", "ye"]

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from common import config, data, models
-from common.config import UserError
+from common.errors import UserError
 from common.steps import atomic_path, check_free_space, run_dir
 
 

@@ -15,8 +15,8 @@ two kinds of junk, so two per-pixel tests follow (both sources, ``patch_measures
 Inputs: uint8 RGB patches ``(N, H, W, 3)`` -- a numpy array or anything sliceable with ``.shape``
 (e.g. an ``h5py`` dataset), read in chunks so memory stays bounded.
 Outputs: per-patch measures ``float32 (N, 5)`` (``MEASURES``: hue, saturation, value on 0..1, brown
-fraction, Laplacian variance), keep flags and the first failing reason per patch, grid-search tables
-and borderline patches for choosing thresholds, and a brightness summary of what was kept.
+fraction, Laplacian variance), keep flags and the first failing reason per patch, and a brightness
+summary of what was kept. Choosing thresholds (grid search, borderline patches) is ``common.filter_search``.
 
 Scales. Saturation and value are HSV as OpenCV and ``colorsys`` define them, on 0..1. Hue is on 0..1
 (0 red, 1/3 green, 2/3 blue) and circular; a patch's hue is the hue of its mean chroma vector, i.e. the
@@ -466,66 +466,3 @@ def brightness_summary(mean_value: np.ndarray) -> dict:
     return {"n": len(v), "mean": round(float(v.mean()), 4), **{k: round(float(p), 4) for k, p in zip(keys, pct,
                                                                                                    strict=True)},
             "fraction_above_0.8": round(float((v > 0.8).mean()), 4)}
-
-
-def borderline(margin: np.ndarray, eligible: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Patches just inside and just outside one threshold, for choosing it by eye.
-
-    Args:
-        margin: float (N,), signed distance of each patch's measure from the threshold, positive on the
-            kept side (e.g. saturation - floor, or ceiling - brown fraction).
-        eligible: bool (N,), the patches that pass every other test (so this threshold alone decides).
-        k: patches per side.
-
-    Returns:
-        inside: int (<= k,) indices of eligible kept patches, nearest to the threshold first;
-        outside: int (<= k,) indices of eligible rejected patches, nearest first.
-    """
-    index = np.flatnonzero(eligible)
-    inside, outside = index[margin[index] >= 0], index[margin[index] < 0]
-    return (inside[np.argsort(margin[inside], kind="stable")[:k]],
-            outside[np.argsort(-margin[outside], kind="stable")[:k]])
-
-
-def grid_search(measures: np.ndarray, candidates: list[dict], labels: np.ndarray | None = None,
-                is_junk: np.ndarray | None = None) -> list[dict]:
-    """Score threshold candidates on precomputed measures of a sample (see ``patch_measures``).
-
-    Args:
-        measures: float (N, 5) with the columns ``MEASURES`` (or (N, 3) if no candidate uses the
-            per-pixel tests), computed at the candidates' blur sigma.
-        candidates: thresholds dicts as accepted by ``filter_patches`` (blur_sigma_px is ignored here).
-        labels: (N,) any hashable label per patch (e.g. class) for kept fractions, or None.
-        is_junk: bool (N,) True for patches known to be junk (glass, IHC, blur), or None.
-
-    Returns:
-        One dict per candidate, in order: ``thresholds`` (the candidate), ``kept_fraction`` (overall),
-        ``kept_fraction_by_label`` ({label: fraction}, present when labels is given) and, when is_junk
-        is given, ``precision``, ``recall`` and ``f1`` of rejection (positive class = junk; NaN when
-        undefined).
-    """
-    n = len(measures)
-    if is_junk is not None and len(is_junk) != n:
-        raise FilterError(f"is_junk has {len(is_junk)} entries for {n} patches")
-    if labels is not None and len(labels) != n:
-        raise FilterError(f"labels has {len(labels)} entries for {n} patches")
-    results = []
-    for candidate in candidates:
-        keep, _ = keep_from_means(measures, **candidate)
-        row = {"thresholds": candidate, "kept_fraction": float(keep.mean()) if n else float("nan")}
-        if labels is not None:
-            label_array = np.asarray(labels)
-            row["kept_fraction_by_label"] = {
-                label.item() if hasattr(label, "item") else label: float(keep[label_array == label].mean())
-                for label in np.unique(label_array)
-            }
-        if is_junk is not None:
-            junk = np.asarray(is_junk, bool)
-            rejected = ~keep
-            hits = int((rejected & junk).sum())
-            precision = hits / rejected.sum() if rejected.any() else float("nan")
-            recall = hits / junk.sum() if junk.any() else float("nan")
-            row["precision"], row["recall"] = float(precision), float(recall)
-            row["f1"] = float(2 * precision * recall / (precision + recall)) if precision + recall > 0 else float("nan")
-        results.append(row)
-    return results

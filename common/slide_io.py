@@ -4,7 +4,7 @@ batches of patches and thumbnails, every read bounded by ``max_read_px`` per sid
 Patches are read as strips of grid neighbours (their own pixels only, not the glass between them), in
 row order so that OpenSlide's tile cache serves shared tiles, on a few threads. Transparent pixels
 (outside the scanned area) are composited on white, never turned black by a bare ``convert('RGB')``.
-``common.slides`` builds 02's tiling on these reads.
+``common.tiling`` builds the slide-wide patch grid on these reads, ``common.slides`` 02's ROI tiling.
 """
 
 from __future__ import annotations

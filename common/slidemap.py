@@ -2,10 +2,10 @@
 
 A pathologist's question after training is "run it on my slide and show me where it sees cancer, and
 which kind". This module answers it with the pipeline's own parts, so a map sees exactly what the
-model saw in training: 02's tiler and tissue/quality rules (``common.slides``, ``common.filters``) at
+model saw in training: 02's tiler and tissue/quality rules (``common.tiling``, ``common.filters``) at
 the experiment's scale, 03's fitted stain normaliser (``common.stain``), 05's model input and device
 switches (``common.engine``). Patches are read, filtered, normalised and classified in batches of
-``batch_patches`` through bounded strip reads (``slides.read_patches``), so memory stays bounded on a
+``batch_patches`` through bounded strip reads (``slide_io.read_patches``), so memory stays bounded on a
 100k x 100k slide: only coordinates and probabilities are kept for the whole slide.
 
 Inputs: a slide file (any OpenSlide format), a ``predict`` function (uint8 patches -> class
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import engine, gradcam, models, plots, slide_io, slides
+from common import engine, gradcam, models, plots, slide_io, tiling
 from common.errors import UserError
 from common.steps import atomic_path
 
@@ -125,15 +125,15 @@ def roi_flags(coords: np.ndarray, size_px: float, rois: np.ndarray) -> np.ndarra
 
 def map_slide(path, predict, normalizer, *, rois=None, roi_patients=None, target_mpp: float = 0.972,
               patch_size_px: int = 96, mpp_override: float | None = None, allow_objective_power: bool = False,
-              scale_tolerance: float = slides.SCALE_TOLERANCE, max_read_px: int = 4096, quality: dict | None = None,
+              scale_tolerance: float = tiling.SCALE_TOLERANCE, max_read_px: int = 4096, quality: dict | None = None,
               device: str = "cpu", cam=None,
               keep_patches: bool = False, progress: bool = True):
     """Classify every tissue patch of a slide.
 
-    Tiling is 02's, through its public stages (``slides.slide_grid``, ``read_tissue``, ``tissue_cells``,
+    Tiling is 02's, through its public stages (``tiling.slide_grid``, ``read_tissue``, ``tissue_cells``,
     ``read_filtered``): a slide-wide grid of ``patch_size_px`` patches at ``target_mpp``, cells with >= 50 %
     tissue on the thumbnail, kept by ``filter_patches(**quality)`` (default 02's ``DLBCL_QUALITY``), read
-    ``slides.PATCH_BATCH`` at a time through bounded strip reads. Kept patches are normalised by
+    ``tiling.PATCH_BATCH`` at a time through bounded strip reads. Kept patches are normalised by
     ``normalizer`` as 03 normalised the training patches (``fit_scope="group"``: one stain estimate per
     tissue piece, per batch for a piece larger than a batch) and classified by ``predict``. Candidates
     go core by core, in row order within a core.
@@ -144,7 +144,7 @@ def map_slide(path, predict, normalizer, *, rois=None, roi_patients=None, target
         normalizer: a fitted ``stain.Normalizer`` (03's ``<method>/normalizer.json``).
         rois, roi_patients: int (R, 4) level-0 boxes and R patient ids, or None (not annotated).
         target_mpp, patch_size_px, mpp_override, allow_objective_power, scale_tolerance, max_read_px, quality: as
-            ``slides.tile_slide`` (``slides.tile_options(cfg["tile_dlbcl"])`` gives 02's).
+            ``slides.tile_slide`` (``tiling.tile_options(cfg["tile_dlbcl"])`` gives 02's).
         device: torch device for the stain arithmetic.
         cam: optional ``cam(x, target)`` (``make_cam``) for Grad-CAM of the predicted class.
         keep_patches: also return the normalised patches uint8 (K, p, p, 3) (tests; unbounded memory).
@@ -161,17 +161,17 @@ def map_slide(path, predict, normalizer, *, rois=None, roi_patients=None, target
     roi_patients = np.asarray([] if roi_patients is None else roi_patients, str)
     slide = slide_io.open_slide(path)
     try:
-        grid = slides.slide_grid(slide, name, target_mpp=target_mpp, patch_size_px=patch_size_px,
+        grid = tiling.slide_grid(slide, name, target_mpp=target_mpp, patch_size_px=patch_size_px,
                                  mpp_override=mpp_override, allow_objective_power=allow_objective_power,
                                  scale_tolerance=scale_tolerance)
-        tissue = slides.read_tissue(slide, max_read_px=max_read_px)
-        coords = slides.tissue_cells(tissue, grid)
+        tissue = tiling.read_tissue(slide, max_read_px=max_read_px)
+        coords = tiling.tissue_cells(tissue, grid)
         core = tissue.pieces(coords + grid.patch_level0_px / 2, grid.patch_level0_px).astype(np.int64)
         order = np.lexsort((coords[:, 0], coords[:, 1], core))
         coords, core = coords[order], core[order]
         keep, reasons, probs, cams, kept_x, start = [], Counter(), [], [], [], 0
         bar = tqdm(total=len(coords), desc=f"map {name}", unit="patch", disable=not progress, leave=False)
-        for ok, reason, x in slides.read_filtered(slide, coords, grid, max_read_px=max_read_px, quality=quality):
+        for ok, reason, x in tiling.read_filtered(slide, coords, grid, max_read_px=max_read_px, quality=quality):
             groups = core[start:start + len(ok)][ok]
             start += len(ok)
             keep.append(ok)
@@ -187,11 +187,11 @@ def map_slide(path, predict, normalizer, *, rois=None, roi_patients=None, target
             bar.update(len(ok))
         bar.close()
     except slide_io.openslide.OpenSlideError as exc:
-        raise slides.SlideError(f"cannot read slide {name}: {exc}") from exc
+        raise slide_io.SlideError(f"cannot read slide {name}: {exc}") from exc
     finally:
         slide.close()
     keep = np.concatenate([np.zeros(0, bool), *keep])
-    # The read side in level-0 px: whole level px, as slides.read_patches reads them.
+    # The read side in level-0 px: whole level px, as slide_io.read_patches reads them.
     size_px = max(1, round(grid.patch_level0_px / grid.level_downsample)) * grid.level_downsample
     coords = coords[keep]
     smap = SlideMap(slide=name, dimensions=(grid.width_px, grid.height_px), coords=coords, size_px=float(size_px),
@@ -212,7 +212,7 @@ def core_table(smap: SlideMap, class_names: list[str], call_fraction: float = 0.
     ``call_fraction`` of the core's patches (a lymphoma focus in a core of normal node makes a lymphoma
     core); else the negative class. ``call_fraction`` is the share of patches predicted as the call.
     ``patient`` is "" when no ROI lies in the core, patients joined with ";" when ROIs of several
-    patients share one piece (cores closer than half a patch merge, see ``slides.TissueMap.pieces``).
+    patients share one piece (cores closer than half a patch merge, see ``tiling.TissueMap.pieces``).
 
     Returns:
         {"core": int (M,), "x0", "y0", "x1", "y1": int (M,), "n_patches": int (M,),

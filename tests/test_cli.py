@@ -9,7 +9,7 @@ from common.filters import FilterError
 from common.gradcam import GradCAMError
 from common.metrics import MetricsError, domain_probe
 from common.models import ModelError, WeightsError
-from common.slides import SlideError
+from common.slide_io import SlideError
 from common.stain import StainError
 
 MODULE_ERRORS = [UserError, FilterError, GradCAMError, MetricsError, ModelError, WeightsError, SlideError,

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.config import UserError, load_config, parse_override
+from common.config import load_config, parse_override
+from common.errors import UserError
 from tests.conftest import ROOT
 
 
@@ -191,6 +192,6 @@ def test_one_brightness_rule_for_both_sources():
 
 
 def test_the_config_offers_exactly_the_stain_methods_there_are():
-    # config.py cannot import common.stain (torch) to validate a config, so it names the methods itself
-    from common import config, stain
-    assert config.METHODS == stain.METHODS
+    # schema.py cannot import common.stain (torch) to validate a config, so it names the methods itself
+    from common import schema, stain
+    assert schema.METHODS == stain.METHODS

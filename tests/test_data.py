@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from common import data
-from common.config import UserError, load_config
+from common.config import load_config
+from common.errors import UserError
 from common.patchset import PatchSet, write_patch_set
 from tests.conftest import ROOT
 

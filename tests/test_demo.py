@@ -22,8 +22,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from common.demo import DemoError, write_demo_dlbcl, write_demo_pcam
+from common.schema import SPLITS
 
-SPLITS = ("train", "valid", "test")
 PCAM_SIZES = {"train": 200, "valid": 20, "test": 20}
 SLIDE_MPP = 0.5
 PCAM_MPP = 0.972

@@ -14,9 +14,9 @@ import yaml
 from common import cli, filters, plots
 from common.demo import write_demo_pcam
 from common.patchset import read_patch_set
+from common.schema import SPLITS
 from tests.conftest import ROOT, load_script
 
-SPLITS = ("train", "valid", "test")
 PREFIX = "camelyonpatch_level_2_split_"
 
 

@@ -1,7 +1,7 @@
-"""Tests for common/filters.py: HSV means against colorsys/OpenCV, the brown-pixel and focus measures
-against constructed answers and OpenCV, thresholds, chunking, and the default thresholds on real H&E,
-glass, IHC-like (DAB re-stained, with and without a hematoxylin counterstain) and blurred patches built
-from tests/data."""
+"""Tests for common/filters.py and common/filter_search.py: HSV means against colorsys/OpenCV, the
+brown-pixel and focus measures against constructed answers and OpenCV, thresholds, chunking, grid
+search, and the default thresholds on real H&E, glass, IHC-like (DAB re-stained, with and without a
+hematoxylin counterstain) and blurred patches built from tests/data."""
 
 import colorsys
 from pathlib import Path
@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
+from common.filter_search import borderline, grid_search
 from common.filters import (
     DEFAULT_THRESHOLDS,
     DLBCL_QUALITY,
@@ -18,11 +19,9 @@ from common.filters import (
     REJECT_REASONS,
     THESIS_PRESET,
     FilterError,
-    borderline,
     brightness_summary,
     brown_fraction,
     filter_patches,
-    grid_search,
     hsv_means,
     keep_from_means,
     laplacian_variance,

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from common.config import UserError
+from common.errors import UserError
 from common.patchset import PatchSet, PatchSetWriter, read_patch_set, write_patch_set
 from common.steps import atomic_path
 

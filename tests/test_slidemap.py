@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from common import gradcam, models, slidemap, slides, stain
+from common import gradcam, models, slide_io, slidemap, stain, tiling
 from common.config import load_config
 from common.errors import UserError
 from common.filters import DLBCL_QUALITY, filter_patches
@@ -29,7 +29,7 @@ def cmu_map(tmp_path_factory):
     normalizer = stain.make_normalizer("reinhard").fit(target)
     roi = np.array([[600, 900, 1500, 1800]])
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(slides, "PATCH_BATCH", 16)
+        patch.setattr(tiling, "PATCH_BATCH", 16)
         smap, patches = slidemap.map_slide(CMU, predict, normalizer, rois=roi, roi_patients=["p1"], keep_patches=True,
                                            progress=False)
     folder = tmp_path_factory.mktemp("cmu")
@@ -91,7 +91,7 @@ def test_patch_pixels_equal_a_direct_read_region(cmu_map):
     smap, patches = cmu_map["smap"], cmu_map["patches"]
     assert patches.shape == (len(smap.coords), 96, 96, 3)
     picks = np.linspace(0, len(smap.coords) - 1, 12).astype(int)
-    with slides.open_slide(CMU) as slide:
+    with slide_io.open_slide(CMU) as slide:
         direct = []
         for x, y in smap.coords[picks]:
             rgba = np.asarray(slide.read_region((int(x), int(y)), 0, (187, 187)))
@@ -168,7 +168,7 @@ def test_core_table_means_and_calls():
 def test_unreadable_slide_is_a_slide_error(tmp_path):
     bad = tmp_path / "broken.svs"
     bad.write_bytes(b"not a slide")
-    with pytest.raises(slides.SlideError, match="broken.svs"):
+    with pytest.raises(slide_io.SlideError, match="broken.svs"):
         slidemap.map_slide(bad, None, None, progress=False)
 
 

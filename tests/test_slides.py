@@ -1,5 +1,6 @@
-"""Tests for common/slides.py and common/slide_io.py on the real slides in tests/data/slides and on pyramidal TIFFs
-written here with tifffile: scale and level choice, exact reads, bounded reads, bad inputs, overview."""
+"""Tests for common/slide_io.py, common/tiling.py and common/slides.py on the real slides in tests/data/slides
+and on pyramidal TIFFs written here with tifffile: scale and level choice, exact reads, bounded reads, bad inputs,
+overview."""
 
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import tifffile
 
 from common.overview import OVERVIEW_COLOURS, OVERVIEW_TITLE_PX, save_overview
 from common.slide_io import SlideError, open_slide, pick_level, read_patches, read_rgb, read_thumbnail, slide_mpp
-from common.slides import roi_grid, tile_slide, tile_tissue
+from common.slides import tile_slide
+from common.tiling import roi_grid, tile_tissue
 
 SLIDES = Path(__file__).resolve().parent / "data" / "slides"
 CMU = SLIDES / "cmu-1-small-region.svs"  # Aperio, one level, 2220 x 2967, mpp 0.499
@@ -342,7 +344,8 @@ def test_negatives_are_tissue_outside_rois_with_one_group_per_tissue_piece(tmp_p
 
 
 def test_an_unannotated_core_between_two_patients_stays_in_one_group():
-    from common.slides import TissueMap, _box_distance, _nearest_roi_per_component
+    from common.slides import _box_distance, _nearest_roi_per_component
+    from common.tiling import TissueMap
 
     # A 300 x 100 px thumbnail at scale 0.1 (level 0: 3000 x 1000) with three pink cores on white glass:
     # left (patient A's ROI), middle (no ROI), right (patient B's ROI).

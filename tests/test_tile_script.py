@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from common import cli, filters
-from common.config import UserError
 from common.demo import write_demo_dlbcl
+from common.errors import UserError
 from common.patchset import read_patch_set
 from common.slide_io import _resize_batch
 from tests.conftest import ROOT, load_script

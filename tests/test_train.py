@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from common import cli, data, engine
-from common.config import UserError, load_config
+from common.config import load_config
+from common.errors import UserError
 from tests.conftest import ROOT, load_script
 from tests.test_data import write_sources
 
