@@ -146,10 +146,12 @@ def config_differences(old: dict, new: dict) -> list[tuple[str, object, object]]
             if k[:1] != "_" and a.get(k, "<absent>") != b.get(k, "<absent>")]
 
 
-def changes_meaning(key: str) -> bool:
-    """Whether a config change at dotted `key` would make a resumed run a different experiment."""
+def changes_meaning(key: str, task: str) -> bool:
+    """Whether a config change at dotted `key` would make a resumed run of `task` a different experiment.
+
+    Another task's definition (``tasks.<other>...``) does not: the run never reads it."""
     return (key.startswith("train.") and key not in RESUME_MAY_CHANGE) or key == "run.seed" \
-        or key.startswith("tasks.")
+        or key == f"tasks.{task}" or key.startswith(f"tasks.{task}.")
 
 
 def check_resume(saved_cfg: dict, cfg: dict, epochs_done: int) -> list[str]:
@@ -161,14 +163,15 @@ def check_resume(saved_cfg: dict, cfg: dict, epochs_done: int) -> list[str]:
             `train.epochs` is below the epochs already trained.
     """
     diffs = config_differences(saved_cfg, cfg)
-    refused = [f"{k}: {a!r} -> {b!r}" for k, a, b in diffs if changes_meaning(k)]
+    task = cfg["train"]["task"]
+    refused = [f"{k}: {a!r} -> {b!r}" for k, a, b in diffs if changes_meaning(k, task)]
     if cfg["train"]["epochs"] < epochs_done:
         refused.append(f"train.epochs: {cfg['train']['epochs']} is below the {epochs_done} epochs already trained")
     if refused:
         raise UserError(f"cannot resume experiment {experiment_name(cfg)!r}: settings differ from its checkpoint "
                         f"and would change the run ({'; '.join(refused)}); put them back, or start over with "
                         f"--set train.overwrite=true, or train a new --set train.experiment=NAME")
-    return [f"{k}: {a!r} -> {b!r}" for k, a, b in diffs if not changes_meaning(k)]
+    return [f"{k}: {a!r} -> {b!r}" for k, a, b in diffs if not changes_meaning(k, task)]
 
 
 def existing_run(folder: Path) -> str:

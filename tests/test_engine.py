@@ -53,9 +53,10 @@ def test_config_differences_list_every_changed_key_and_refuse_those_that_change_
                                                          "split_fractions": [0.7, 0.2, 0.1]}, "_config_path": "x"}
     assert engine.config_differences(old, new) == [("run.device", "cpu", "cuda"), ("train.epochs", 10, 30),
                                                    ("train.split_fractions", [0.8, 0.1, 0.1], [0.7, 0.2, 0.1])]
-    assert [engine.changes_meaning(k) for k in ("run.device", "train.epochs", "train.split_fractions", "run.seed",
-                                                "train.lr", "train.data_on_device", "evaluate.tta", "tasks.pcam")] \
-        == [False, False, True, True, True, False, False, True]
+    keys = ("run.device", "train.epochs", "train.split_fractions", "run.seed", "train.lr", "train.data_on_device",
+            "evaluate.tta", "tasks.pcam", "tasks.pcam.balanced_size", "tasks.dlbcl.balanced_size", "tasks.pcam_2")
+    assert [engine.changes_meaning(k, "pcam") for k in keys] \
+        == [False, False, True, True, True, False, False, True, True, False, False]
     with pytest.raises(UserError, match=r"would change the run \(train.split_fractions: \[0.8, 0.1, 0.1\] -> "
                                         r"\[0.7, 0.2, 0.1\]\)"):
         engine.check_resume(old, new, epochs_done=4)
@@ -64,6 +65,13 @@ def test_config_differences_list_every_changed_key_and_refuse_those_that_change_
                                                                    "train.epochs: 10 -> 30"]
     with pytest.raises(UserError, match="train.epochs: 30 is below the 31 epochs already trained"):
         engine.check_resume(old, same_split, epochs_done=31)
+    # Editing another task's definition leaves this run as it was; editing this task's does not.
+    with_tasks = {**old, "tasks": {"pcam": {"balanced_size": None}, "dlbcl": {"balanced_size": None}}}
+    other_task = {**with_tasks, "tasks": {**with_tasks["tasks"], "dlbcl": {"balanced_size": 500}}}
+    assert engine.check_resume(with_tasks, other_task, epochs_done=4) == ["tasks.dlbcl.balanced_size: None -> 500"]
+    this_task = {**with_tasks, "tasks": {**with_tasks["tasks"], "pcam": {"balanced_size": 500}}}
+    with pytest.raises(UserError, match=r"tasks.pcam.balanced_size: None -> 500"):
+        engine.check_resume(with_tasks, this_task, epochs_done=4)
 
 
 def test_training_guard_checkpoints_by_steps_and_time_and_stops_on_a_signal():
