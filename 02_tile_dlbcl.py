@@ -15,7 +15,9 @@ Writes (runs/<run>/02_tile_dlbcl/):
                                  negatives, patches dropped by balance, patches rejected by the filter
     summary.json                 `slides`: per slide the level read, its µm/px, patches read and kept
                                  (before `n_positive_dropped_by_balance`, lymphoma dropped across slides
-                                 where negatives ran short); `negatives_are`; counts, and every
+                                 where negatives ran short); `negatives_are`; counts (patches_read =
+                                 written + n_positive_dropped_by_balance + rejected_by_reason +
+                                 n_negative_read_unused); and every
                                  skipped row, ROI or slide with its reason:
                                  malformed_row, missing_slide, slide_error (unreadable, no mpp),
                                  roi_empty, roi_outside_slide, roi_smaller_than_patch,
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             skipped += tiles.skipped
             found["lymphoma"] += int((tiles.y == 1).sum())
             found["negative"] += int((tiles.y == 0).sum())
-            kept_value.append(filters.hsv_means(tiles.x)[:, 2])  # the brightness rule's measure, as in 01
+            kept_value.append(tiles.mean_value)  # the brightness rule's measure, as in 01
             per_slide.append({"slide": res["tma_id"], "level": tiles.grid.level, "level_mpp": tiles.grid.level_mpp,
                               "patches_read": tiles.patches_read, "patches_kept": len(tiles.y),
                               "counts": tiles.counts})
@@ -226,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
               "usable negatives than lymphoma patches (see tile_dlbcl.negatives)")
         n_pos = n_neg
     n_read = sum(s["patches_read"] for s in per_slide)
+    n_read_unused = sum(s["counts"]["negative"]["read_unused"] for s in per_slide)
     by_reason = Counter()
     for part in per_slide:
         for cls in ("positive", "negative"):
@@ -234,10 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     brightness = filters.brightness_summary(kept_value)
     write_summary(out, STEP, cfg, started, n_patches=n_pos + n_neg, n_positive=n_pos, n_negative=n_neg,
                   patches_read=n_read, n_positive_dropped_by_balance=n_trimmed, rejected_by_reason=by_reason,
+                  n_negative_read_unused=n_read_unused,
                   kept_mean_value=brightness,
                   negatives_are=NEGATIVES_ARE[t["negatives"]], slides=per_slide, skipped=skipped, outputs=["dlbcl.h5"])
     print(f"   wrote {n_pos + n_neg} patches ({n_pos} lymphoma, {n_neg} negative) from {len(per_slide)} slides, "
-          f"{n_read} read; {len(skipped)} items skipped (see summary.json)")
+          f"{n_read} read ({n_read_unused} negatives read beyond the balance's need); {len(skipped)} items skipped "
+          "(see summary.json)")
     print(f"   rejected by reason: {', '.join(f'{r} {n}' for r, n in by_reason.items()) or 'none'}; kept mean V "
           f"p5/p50/p95 {brightness['p5']:.4f}/{brightness['p50']:.4f}/{brightness['p95']:.4f}")
     print(f"   negatives: {NEGATIVES_ARE[t['negatives']]}")

@@ -406,10 +406,20 @@ def keep_from_means(means: np.ndarray, *, hue_range=None, saturation_range=None,
     return keep, reason
 
 
-def filter_patches(x, *, hue_range=None, saturation_range=None, value_range=None, max_brown_fraction=None,
-                   min_laplacian_var=None, blur_sigma_px: float = 1.0,
-                   chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def filter_patches(x, **thresholds) -> tuple[np.ndarray, np.ndarray]:
     """Keep flags and rejection reasons for patches (thesis §5.1.2 filter plus the per-pixel tests).
+
+    ``measure_and_filter`` without the measures; arguments and returns as there.
+    """
+    _, keep, reason = measure_and_filter(x, **thresholds)
+    return keep, reason
+
+
+def measure_and_filter(x, *, hue_range=None, saturation_range=None, value_range=None, max_brown_fraction=None,
+                       min_laplacian_var=None, blur_sigma_px: float = 1.0,
+                       chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The filter's measures, keep flags and rejection reasons for patches (thesis §5.1.2 filter plus the
+    per-pixel tests), from one pass over the pixels.
 
     Args:
         x: uint8 (N, H, W, 3) RGB; numpy array or h5py dataset, read ``chunk_size`` patches at a time.
@@ -423,8 +433,9 @@ def filter_patches(x, *, hue_range=None, saturation_range=None, value_range=None
         chunk_size: patches in memory at a time.
 
     Returns:
-        keep: bool (N,); reason: str array (N,), '' where kept, else the first failing reason in
-        ``REJECT_REASONS`` order.
+        measures: float32 (N, 5) with the columns ``MEASURES``, or (N, 3) HSV means when neither
+        per-pixel test is on (see ``patch_measures``); keep: bool (N,); reason: str array (N,), '' where
+        kept, else the first failing reason in ``REJECT_REASONS`` order.
 
     Raises:
         FilterError: malformed thresholds or input shape.
@@ -433,7 +444,8 @@ def filter_patches(x, *, hue_range=None, saturation_range=None, value_range=None
                   "max_brown_fraction": max_brown_fraction, "min_laplacian_var": min_laplacian_var}
     keep_from_means(np.zeros((0, len(MEASURES))), **thresholds)
     per_pixel = max_brown_fraction is not None or min_laplacian_var is not None
-    return keep_from_means(patch_measures(x, blur_sigma_px, chunk_size, per_pixel), **thresholds)
+    measures = patch_measures(x, blur_sigma_px, chunk_size, per_pixel)
+    return (measures, *keep_from_means(measures, **thresholds))
 
 
 def thresholds_from_config(section: dict) -> dict:

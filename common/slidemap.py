@@ -171,7 +171,7 @@ def map_slide(path, predict, normalizer, *, rois=None, roi_patients=None, target
         coords, core = coords[order], core[order]
         keep, reasons, probs, cams, kept_x, start = [], Counter(), [], [], [], 0
         bar = tqdm(total=len(coords), desc=f"map {name}", unit="patch", disable=not progress, leave=False)
-        for ok, reason, x in tiling.read_filtered(slide, coords, grid, max_read_px=max_read_px, quality=quality):
+        for ok, reason, x, _ in tiling.read_filtered(slide, coords, grid, max_read_px=max_read_px, quality=quality):
             groups = core[start:start + len(ok)][ok]
             start += len(ok)
             keep.append(ok)

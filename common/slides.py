@@ -130,23 +130,25 @@ def _sample_negatives(slide, candidates: np.ndarray, n_wanted: int, grid: Grid, 
 
     Returns dict of int index arrays into ``candidates``: ``kept`` (n_wanted or fewer), ``rejected`` with
     ``reason`` (str), ``dropped`` (read and passed but beyond n_wanted, or never drawn), and the kept
-    patches ``x`` in the order of ``kept``; ``n_read``.
+    patches ``x`` and their ``mean_value`` in the order of ``kept``; ``n_read`` and ``n_read_unused`` (read
+    and passed but beyond n_wanted), so that n_read = len(kept) + len(rejected) + n_read_unused.
     """
     order = rng.permutation(len(candidates))
-    kept, kept_x, rejected, reason, surplus = [], [], [], [], []
+    kept, kept_x, kept_value, rejected, reason, surplus = [], [], [], [], [], []
     n_kept = n_read = drawn = 0
     while n_kept < n_wanted and drawn < len(order):
         pass_rate = max(n_kept / n_read, 0.05) if n_read else 1.0
         n = min(len(order) - drawn, math.ceil((n_wanted - n_kept) / pass_rate * 1.1) + 8)
         batch = np.sort(order[drawn:drawn + n])
         drawn += n
-        keep, why, x = read_all(slide, candidates[batch], grid, max_read_px, quality)
+        keep, why, x, value = read_all(slide, candidates[batch], grid, max_read_px, quality)
         n_read += n
         take = np.flatnonzero(keep)
         extra = rng.permutation(len(take))[n_wanted - n_kept:]  # beyond the need: dropped, at random
         used = np.setdiff1d(np.arange(len(take)), extra)
         kept.append(batch[take[used]])
         kept_x.append(x[used])
+        kept_value.append(value[used])
         surplus.append(batch[take[extra]])
         rejected.append(batch[~keep])
         reason.append(why[~keep])
@@ -154,10 +156,11 @@ def _sample_negatives(slide, candidates: np.ndarray, n_wanted: int, grid: Grid, 
     p = grid.patch_size_px
     return {"kept": np.concatenate([np.zeros(0, np.int64), *kept]),
             "x": np.concatenate([np.empty((0, p, p, 3), np.uint8), *kept_x]),
+            "mean_value": np.concatenate([np.zeros(0, np.float32), *kept_value]),
             "rejected": np.concatenate([np.zeros(0, np.int64), *rejected]),
             "reason": np.concatenate([np.zeros(0, "<U1"), *reason]),
             "dropped": np.sort(np.concatenate([np.zeros(0, np.int64), *surplus, order[drawn:]])),
-            "n_read": n_read}
+            "n_read": n_read, "n_read_unused": sum(map(len, surplus))}
 
 
 @dataclass
@@ -165,11 +168,14 @@ class SlideTiles:
     """What ``tile_slide`` returns for one slide.
 
     ``x`` uint8 (K, p, p, 3) kept patches, positives first; ``y`` uint8 (K,) 1 positive / 0 negative;
-    ``group`` str (K,); ``coords`` int64 (K, 2) level-0 top-left; ``rejected_coords`` (M, 2),
+    ``group`` str (K,); ``coords`` int64 (K, 2) level-0 top-left; ``mean_value`` float32 (K,) the quality
+    filter's mean HSV value (brightness) of each kept patch; ``rejected_coords`` (M, 2),
     ``rejected_y`` (M,), ``rejected_reason`` str (M,) for patches the quality filter rejected;
     ``dropped_coords`` (D, 2), ``dropped_y`` (D,) for cells left out by the balance (most never read);
     ``patches_read`` patches read from the slide; ``counts`` {"positive"/"negative": {"kept": n,
-    "rejected": {reason: n}} (negative also "dropped": n), "skipped": {reason: n}, "rois_clipped": n}; ``skipped``
+    "rejected": {reason: n}} (negative also "dropped": n cells left out by the balance, and "read_unused": n of
+    them read and passed, beyond the one negative per positive), "skipped": {reason: n}, "rois_clipped": n}, so
+    that patches_read = the kept, rejected and read_unused counts summed; ``skipped``
     [{"item": "<slide>:<roi id>", "reason": code, "detail": text}] with codes roi_empty (xs >= xe or
     ys >= ye), roi_outside_slide, roi_smaller_than_patch, roi_all_patches_rejected; ``tissue`` the
     thumbnail and its tissue mask (None once dropped).
@@ -180,6 +186,7 @@ class SlideTiles:
     y: np.ndarray
     group: np.ndarray
     coords: np.ndarray
+    mean_value: np.ndarray
     rejected_coords: np.ndarray
     rejected_y: np.ndarray
     rejected_reason: np.ndarray
@@ -256,16 +263,19 @@ def tile_slide(path, rois, roi_ids: list[str], groups: list[str], *, target_mpp:
         # ---- read and filter: everything in one pass, or positives and then a sample of negatives
         n_pos = len(pos_coords)
         if balance:
-            pos_keep, pos_reason, pos_x = read_all(slide, pos_coords, grid, max_read_px, quality)
+            pos_keep, pos_reason, pos_x, pos_value = read_all(slide, pos_coords, grid, max_read_px, quality)
             rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
             sample = _sample_negatives(slide, candidates, int(pos_keep.sum()), grid, max_read_px, quality, rng)
         else:
-            keep, reason, kept_x = read_all(slide, np.concatenate([pos_coords, candidates]), grid, max_read_px,
-                                             quality)
-            pos_keep, pos_reason, pos_x = keep[:n_pos], reason[:n_pos], kept_x[:int(keep[:n_pos].sum())]
-            sample = {"kept": np.flatnonzero(keep[n_pos:]), "x": kept_x[len(pos_x):],
+            keep, reason, kept_x, kept_value = read_all(slide, np.concatenate([pos_coords, candidates]), grid,
+                                                        max_read_px, quality)
+            n_pos_kept = int(keep[:n_pos].sum())
+            pos_keep, pos_reason, pos_x, pos_value = keep[:n_pos], reason[:n_pos], kept_x[:n_pos_kept], \
+                kept_value[:n_pos_kept]
+            sample = {"kept": np.flatnonzero(keep[n_pos:]), "x": kept_x[n_pos_kept:],
+                      "mean_value": kept_value[n_pos_kept:],
                       "rejected": np.flatnonzero(~keep[n_pos:]), "reason": reason[n_pos:][~keep[n_pos:]],
-                      "dropped": np.zeros(0, np.int64), "n_read": len(candidates)}
+                      "dropped": np.zeros(0, np.int64), "n_read": len(candidates), "n_read_unused": 0}
     except openslide.OpenSlideError as exc:
         raise SlideError(f"cannot read slide {name}: {exc}") from exc
     finally:
@@ -274,6 +284,7 @@ def tile_slide(path, rois, roi_ids: list[str], groups: list[str], *, target_mpp:
     # Kept negatives in the slide's row order, whatever order they were drawn in.
     row_order = np.lexsort((candidates[sample["kept"], 0], candidates[sample["kept"], 1]))
     neg_coords, neg_x = candidates[sample["kept"]][row_order], sample["x"][row_order]
+    neg_value = sample["mean_value"][row_order]
     rejected_neg, rejected_neg_reason = candidates[sample["rejected"]], sample["reason"]
     kept_per_roi = np.bincount(pos_roi[pos_keep], minlength=len(rois))
     tried_per_roi = np.bincount(pos_roi, minlength=len(rois))
@@ -286,7 +297,7 @@ def tile_slide(path, rois, roi_ids: list[str], groups: list[str], *, target_mpp:
     counts = {
         "positive": {"kept": n_pos_kept, "rejected": dict(Counter(pos_reason[~pos_keep].tolist()))},
         "negative": {"kept": n_neg_kept, "rejected": dict(Counter(rejected_neg_reason.tolist())),
-                     "dropped": n_dropped},
+                     "dropped": n_dropped, "read_unused": sample["n_read_unused"]},
         "skipped": dict(Counter(s["reason"] for s in skipped)),
         "rois_clipped": rois_clipped,
     }
@@ -294,7 +305,7 @@ def tile_slide(path, rois, roi_ids: list[str], groups: list[str], *, target_mpp:
         grid=grid, x=np.concatenate([pos_x, neg_x]),
         y=np.repeat(np.array([1, 0], np.uint8), [n_pos_kept, n_neg_kept]),
         group=np.concatenate([group_array[pos_roi[pos_keep]], neg_groups]).astype(str),
-        coords=np.concatenate([pos_coords[pos_keep], neg_coords]),
+        coords=np.concatenate([pos_coords[pos_keep], neg_coords]), mean_value=np.concatenate([pos_value, neg_value]),
         rejected_coords=np.concatenate([pos_coords[~pos_keep], rejected_neg]),
         rejected_y=np.repeat(np.array([1, 0], np.uint8), [int((~pos_keep).sum()), len(rejected_neg)]),
         rejected_reason=np.concatenate([pos_reason[~pos_keep], rejected_neg_reason]).astype(str),

@@ -15,7 +15,7 @@ The stages, used by 02 (``common.slides.tile_slide``, which adds the ROIs) and b
 - ``slide_grid``: scale, level and patch side in level-0 px (a ``Grid``);
 - ``read_tissue`` / ``tissue_cells``: the thumbnail's tissue mask and the grid cells over tissue
   (``TissueMap.pieces`` gives the connected tissue piece -- a TMA core -- under a point);
-- ``read_filtered``: batched reads and the quality filter (``common.filters.filter_patches``);
+- ``read_filtered``: batched reads and the quality filter (``common.filters.measure_and_filter``);
 - ``tile_tissue``: all of the above for every tissue cell of a slide, ROIs ignored;
 - ``tile_options``: the ``tile_dlbcl`` config section as their keyword arguments.
 
@@ -29,12 +29,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
 import openslide
 
-from common.filters import DLBCL_QUALITY, filter_patches, thresholds_from_config
+from common.filters import DLBCL_QUALITY, measure_and_filter, thresholds_from_config
 from common.slide_io import SlideError, open_slide, pick_level, read_patches, read_thumbnail, slide_mpp
 
 # A thumbnail pixel is tissue when its saturation exceeds the DLBCL patch floor (thesis: S > 0.07).
@@ -198,8 +199,19 @@ def tissue_cells(tissue: TissueMap, grid: Grid) -> np.ndarray:
 # ---------------------------------------------------------------- read and quality-filter
 
 
+class Filtered(NamedTuple):
+    """Patches read and quality-filtered: ``keep`` bool (B,), ``reason`` str (B,) ('' where kept), the kept
+    patches ``x`` uint8 (keep.sum(), p, p, 3) RGB and their ``mean_value`` float32 (keep.sum(),), the
+    filter's blurred mean HSV value (brightness, 0..1), which 02 summarises."""
+
+    keep: np.ndarray
+    reason: np.ndarray
+    x: np.ndarray
+    mean_value: np.ndarray
+
+
 def read_filtered(slide, coords: np.ndarray, grid: Grid, *, max_read_px: int = 4096,
-                  quality: dict | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+                  quality: dict | None = None) -> Iterator[Filtered]:
     """Read patches in batches of ``PATCH_BATCH`` and quality-filter them, so rejected pixels never pile up.
 
     Args:
@@ -210,25 +222,24 @@ def read_filtered(slide, coords: np.ndarray, grid: Grid, *, max_read_px: int = 4
         quality: keyword arguments of ``filter_patches``; default ``DLBCL_QUALITY``.
 
     Yields:
-        Per consecutive batch of ``coords``: keep bool (B,), reason str (B,) ('' where kept) and the
-        kept patches uint8 (keep.sum(), p, p, 3) RGB.
+        A ``Filtered`` per consecutive batch of ``coords``.
     """
     quality = DLBCL_QUALITY if quality is None else quality
     for start in range(0, len(coords), PATCH_BATCH):
         patches = read_patches(slide, coords[start:start + PATCH_BATCH], grid.patch_level0_px, grid.level,
                                grid.patch_size_px, max_read_px)
-        keep, reason = filter_patches(patches, **quality)
-        yield keep, reason, patches[keep]
+        measures, keep, reason = measure_and_filter(patches, **quality)
+        yield Filtered(keep, reason, patches[keep], measures[keep, 2])
 
 
-def read_all(slide, coords: np.ndarray, grid: Grid, max_read_px: int, quality: dict | None
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``read_filtered`` collected: keep (K,), reason (K,), kept patches (keep.sum(), p, p, 3)."""
+def read_all(slide, coords: np.ndarray, grid: Grid, max_read_px: int, quality: dict | None) -> Filtered:
+    """``read_filtered`` collected into one ``Filtered`` for all of ``coords``."""
     batches = list(read_filtered(slide, coords, grid, max_read_px=max_read_px, quality=quality))
     p = grid.patch_size_px
-    return (np.concatenate([np.zeros(0, bool), *(b[0] for b in batches)]),
-            np.concatenate([np.zeros(0, "<U1"), *(b[1] for b in batches)]),
-            np.concatenate([np.empty((0, p, p, 3), np.uint8), *(b[2] for b in batches)]))
+    return Filtered(np.concatenate([np.zeros(0, bool), *(b.keep for b in batches)]),
+                    np.concatenate([np.zeros(0, "<U1"), *(b.reason for b in batches)]),
+                    np.concatenate([np.empty((0, p, p, 3), np.uint8), *(b.x for b in batches)]),
+                    np.concatenate([np.zeros(0, np.float32), *(b.mean_value for b in batches)]))
 
 
 # ---------------------------------------------------------------- all tissue of a slide (no ROIs)
@@ -272,7 +283,7 @@ def tile_tissue(path, *, target_mpp: float = 0.972, patch_size_px: int = 96, mpp
                           allow_objective_power=allow_objective_power, scale_tolerance=scale_tolerance)
         tissue = read_tissue(slide, thumbnail_px, max_read_px)
         coords = tissue_cells(tissue, grid)
-        keep, reason, x = read_all(slide, coords, grid, max_read_px, quality)
+        keep, reason, x, _ = read_all(slide, coords, grid, max_read_px, quality)
     except openslide.OpenSlideError as exc:
         raise SlideError(f"cannot read slide {name}: {exc}") from exc
     finally:

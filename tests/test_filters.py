@@ -25,6 +25,7 @@ from common.filters import (
     hsv_means,
     keep_from_means,
     laplacian_variance,
+    measure_and_filter,
     patch_measures,
     thresholds_from_config,
 )
@@ -375,6 +376,19 @@ def test_new_reasons_and_their_order():
     for bad in ({"max_brown_fraction": 1.5}, {"min_laplacian_var": -1.0}, {"max_brown_fraction": "x"}):
         with pytest.raises(FilterError, match=next(iter(bad))):
             keep_from_means(m, **bad)
+
+
+def test_measure_and_filter_returns_the_measures_it_decided_on(real_sets):
+    x = np.concatenate([real_sets["tissue"][:20], real_sets["glass"][:5]])
+    measures, keep, reason = measure_and_filter(x, **DEFAULT_THRESHOLDS)
+    np.testing.assert_array_equal(measures, patch_measures(x, DEFAULT_THRESHOLDS["blur_sigma_px"]))
+    expected_keep, expected_reason = keep_from_means(measures, **DEFAULT_THRESHOLDS)
+    np.testing.assert_array_equal(keep, expected_keep)
+    np.testing.assert_array_equal(reason, expected_reason)
+    assert keep[:20].all() and not keep[20:].any()
+    # Without the per-pixel tests only the three HSV means are measured.
+    hsv_only = {k: v for k, v in DEFAULT_THRESHOLDS.items() if k not in ("max_brown_fraction", "min_laplacian_var")}
+    assert measure_and_filter(x, **hsv_only)[0].shape == (25, 3)
 
 
 def test_thresholds_from_config_and_brightness_summary():

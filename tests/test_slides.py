@@ -10,6 +10,7 @@ import openslide
 import pytest
 import tifffile
 
+from common.filters import hsv_means
 from common.overview import OVERVIEW_COLOURS, OVERVIEW_TITLE_PX, save_overview
 from common.slide_io import SlideError, open_slide, pick_level, read_patches, read_rgb, read_thumbnail, slide_mpp
 from common.slides import tile_slide
@@ -406,7 +407,14 @@ def test_balance_reads_only_the_negatives_it_needs(monkeypatch):
     # Read: the 9 positive cells and ceil(8 * 1.1) + 8 = 17 drawn candidates, not all 46; dropped: the 29
     # never drawn and the 8 drawn that passed beyond the 8 needed (one drawn was rejected).
     assert balanced.patches_read == 9 + 17 and everything.patches_read == 9 + 46
-    assert balanced.counts["negative"] == {"kept": 8, "rejected": {"high_value": 1}, "dropped": 37}
+    assert balanced.counts["negative"] == {"kept": 8, "rejected": {"high_value": 1}, "dropped": 37, "read_unused": 8}
+    for tiles in (balanced, everything):  # every patch read is kept, rejected or (balance only) read unused
+        counted = [tiles.counts[cls]["kept"] + sum(tiles.counts[cls]["rejected"].values())
+                   for cls in ("positive", "negative")]
+        assert tiles.patches_read == sum(counted) + tiles.counts["negative"]["read_unused"]
+    assert everything.counts["negative"]["read_unused"] == 0
+    for tiles in (balanced, everything):  # the filter's brightness of each kept patch, in the order of x
+        np.testing.assert_array_equal(tiles.mean_value, hsv_means(tiles.x)[:, 2])
     assert len(balanced.dropped_coords) == 37 and (balanced.dropped_y == 0).all()
     patch_px = round(balanced.grid.patch_level0_px)
     read_px = sum(size[0] * size[1] for _, level, size in calls if size[1] == patch_px)

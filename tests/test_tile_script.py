@@ -272,3 +272,12 @@ def test_rejections_per_reason_account_for_every_patch_read_and_not_written(tmp_
     assert set(rejected) == {"out_of_focus"} and rejected["out_of_focus"] > 0
     written_before_trim = summary["n_patches"] + summary["n_positive_dropped_by_balance"]
     assert sum(rejected.values()) == summary["patches_read"] - written_before_trim
+    assert summary["n_negative_read_unused"] == 0
+
+    # With balance, negatives are sampled in rounds: those that pass beyond the need are counted apart.
+    assert run_02_demo_config(tile_script, tmp_path, min_laplacian_var=0.02, balance=True) == 0
+    summary = json.loads((tmp_path / "runs" / "t" / "02_tile_dlbcl" / "summary.json").read_text())
+    written_before_trim = summary["n_patches"] + summary["n_positive_dropped_by_balance"]
+    assert summary["n_negative_read_unused"] > 0
+    assert (sum(summary["rejected_by_reason"].values()) + summary["n_negative_read_unused"]
+            == summary["patches_read"] - written_before_trim)
