@@ -3,9 +3,11 @@
 - filter: ``common.filters.filter_patches`` (all patches per OpenCV call) vs the same statistics
   (Gaussian blur, HSV, saturation-weighted circular mean hue, mean S and V) computed patch by patch
   with ``cv2.GaussianBlur`` and ``cv2.cvtColor``.
+- filter_full: the same with the per-pixel tests on (brown fraction, Laplacian variance), the baseline
+  computing them per patch in plain numpy/OpenCV.
 - tiling: ``common.slides.tile_slide`` (what 02 runs per slide: thumbnail, grid, bounded region reads,
-  batched resize, quality filter) vs a loop of ``read_region`` + composite on white + ``cv2.resize``
-  per patch over the same coordinates (reading only, no filter), on a synthetic 40x (0.25 um/px)
+  batched resize, 02's quality filter) vs a loop of ``read_region`` + composite on white + ``cv2.resize``
+  + the same quality filter per patch over the same coordinates, on a synthetic 40x (0.25 um/px)
   pyramidal TIFF from ``common.demo``; both open the slide afresh per call.
 - input_pipeline: 05's batches (uint8 array in memory, sorted index per batch, ``to_input``,
   ``augment`` flips + 90-degree turns) vs torchvision ``ImageFolder`` over JPEG files + PIL transforms
@@ -19,7 +21,6 @@ Inputs: ``bench_timing.Settings``. Outputs: ``bench_timing.Result`` in patches/s
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -29,16 +30,18 @@ import numpy as np
 import openslide
 import tifffile
 import torch
-from bench_timing import Result, Settings, compare, items_per_second, real_patches
+from bench_timing import Result, Settings, compare, real_patches
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from common import data, demo, filters, models, slide_io, slides
+from common import data, demo, filters, models, slide_io, slides, tiling
+from common.config import load_config
 
 SLIDE_MPP = 0.25  # um/px at level 0: a 40x scan like DLBCL-Morph's; 02 reads its 4x level for 0.972
 BATCH_SIZE = 64  # the thesis's batch size
-TEXTURE = Path(__file__).resolve().parents[1] / "tests" / "data" / "he" / "tiatoolbox" / "target_image.png"
+ROOT = Path(__file__).resolve().parents[1]
+TEXTURE = ROOT / "tests" / "data" / "he" / "tiatoolbox" / "target_image.png"
 
 
 def _hsv_means_one(patch: np.ndarray, blur_sigma_px: float) -> np.ndarray:
@@ -49,6 +52,19 @@ def _hsv_means_one(patch: np.ndarray, blur_sigma_px: float) -> np.ndarray:
     angle = np.deg2rad(hsv[:, 0])
     hue = np.mod(np.arctan2((hsv[:, 1] * np.sin(angle)).mean(), (hsv[:, 1] * np.cos(angle)).mean()) / (2 * np.pi), 1)
     return np.array([hue, hsv[:, 1].mean(), hsv[:, 2].mean()])
+
+
+def _measures_one(patch: np.ndarray, blur_sigma_px: float) -> np.ndarray:
+    """The baseline's filter measures of one uint8 (96, 96, 3) patch, written plainly: float64 (5,) hue,
+    saturation, value (``_hsv_means_one``), brown fraction (per-pixel optical density) and the variance of
+    the grey image's 4-neighbour Laplacian (``common.filters.MEASURES``)."""
+    od = -np.log((patch.astype(np.float64) + 1) / 256)
+    tissue = od.sum(axis=2) > filters.TISSUE_OD
+    brown = tissue & (od[..., 2] > filters.BROWN_BLUE_PER_GREEN_OD * od[..., 1])
+    grey = cv2.cvtColor(patch, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255
+    laplacian = cv2.Laplacian(grey, cv2.CV_32F, ksize=1)[1:-1, 1:-1]
+    return np.concatenate([_hsv_means_one(patch, blur_sigma_px),
+                           [brown.sum() / max(tissue.sum(), 1), laplacian.var()]])
 
 
 def bench_filter(settings: Settings) -> Result:
@@ -77,6 +93,31 @@ def bench_filter(settings: Settings) -> Result:
                   extra={"max_abs_diff_means": float(f"{difference.max():.3g}")})
 
 
+def bench_filter_full(settings: Settings) -> Result:
+    """01's whole default filter (HSV means, brown pixels, focus) batched vs the same measures per patch."""
+    thresholds = filters.DEFAULT_THRESHOLDS
+    patches = real_patches(512 if settings.quick else 4096)
+    subset = patches[:64 if settings.quick else 512]
+
+    def baseline_measures() -> np.ndarray:
+        return np.stack([_measures_one(p, thresholds["blur_sigma_px"]) for p in subset])
+
+    def baseline() -> np.ndarray:
+        return filters.keep_from_means(baseline_measures(), **thresholds)[0]
+
+    ours_rate, baseline_rate = compare(lambda: filters.filter_patches(patches, **thresholds), len(patches),
+                                       baseline, len(subset), settings)
+    agree = float((filters.filter_patches(subset, **thresholds)[0] == baseline()).mean())
+    difference = np.abs(filters.patch_measures(subset, thresholds["blur_sigma_px"])[:, 3:] - baseline_measures()[:, 3:])
+    return Result(ours_rate, baseline_rate, "patches/s", 2.0,
+                  note=f"{len(patches)} real H&E patches vs {len(subset)} one by one (_measures_one: GaussianBlur + "
+                       f"cvtColor, float64 optical density, cv2.Laplacian per patch); keep decisions agree on "
+                       f"{agree:.1%}; max |brown fraction, Laplacian variance ours - baseline| = "
+                       f"{difference[:, 0].max():.1e}, {difference[:, 1].max():.1e}",
+                  extra={"max_abs_diff_brown": float(f"{difference[:, 0].max():.3g}"),
+                         "max_abs_diff_laplacian": float(f"{difference[:, 1].max():.3g}")})
+
+
 def _demo_slide(folder: Path, quick: bool) -> tuple[Path, np.ndarray, list[str], list[str]]:
     """Write one synthetic TMA slide and return its path, H&E ROIs (R, 4), ROI ids and patient ids."""
     # One slide: write it in this process (the default spawns worker processes).
@@ -88,56 +129,66 @@ def _demo_slide(folder: Path, quick: bool) -> tuple[Path, np.ndarray, list[str],
 
 
 def bench_tiling(settings: Settings) -> Result:
-    """02's ``tile_slide`` (and its ``read_patches`` alone) vs per-patch ``read_region`` over the same patches.
+    """02's ``tile_slide`` with 02's quality rule vs the same patches read and filtered one by one.
 
-    Like with like: the baseline reads every patch ``tile_slide`` reads (kept and rejected, positives
-    and negatives), one ``read_region`` each at the level 02 chose, composites on white and shrinks to
-    96 px with ``cv2.resize(INTER_AREA)``; it must return the very pixels ``read_patches`` returns.
-    Every call opens the slide afresh, so no side starts with a warm OpenSlide tile cache.
+    Like with like: the baseline is handed the coordinates ``tile_slide`` read (kept and rejected,
+    positives and negatives; it computes no thumbnail or grid of its own, which ours pays for), reads
+    each with one ``read_region`` at the level 02 chose, composites on white, shrinks to 96 px with
+    ``cv2.resize(INTER_AREA)`` and measures it for 02's quality filter (``config.yaml``'s ``tile_dlbcl``:
+    HSV means, brown pixels, focus) plainly, patch by patch (``_measures_one``); the thresholds are then
+    applied to all measures at once. Its keep decisions are compared with ``tile_slide``'s. The note
+    adds ``read_patches`` alone against the reading part of the baseline. Every call opens the slide
+    afresh, so no side starts with a warm OpenSlide tile cache.
     """
+    quality = tiling.tile_options(load_config(ROOT / "config.yaml")["tile_dlbcl"])["quality"]
     with tempfile.TemporaryDirectory() as tmp:
         path, rois, roi_ids, groups = _demo_slide(Path(tmp), settings.quick)
-        tiled = slides.tile_slide(path, rois, roi_ids, groups, target_mpp=0.972, patch_size_px=96)
+
+        def ours() -> slides.SlideTiles:
+            return slides.tile_slide(path, rois, roi_ids, groups, target_mpp=0.972, patch_size_px=96, quality=quality)
+
+        tiled = ours()
         coords = np.concatenate([tiled.coords, tiled.rejected_coords])
+        expected_keep = np.arange(len(coords)) < len(tiled.coords)
         level, patch_level0_px = tiled.grid.level, tiled.grid.patch_level0_px
         n_patches = len(coords)
 
-        def ours() -> slides.SlideTiles:
-            return slides.tile_slide(path, rois, roi_ids, groups, target_mpp=0.972, patch_size_px=96)
-
-        def ours_read(read_threads: int | None = None) -> np.ndarray:
+        def ours_read() -> np.ndarray:
             with openslide.OpenSlide(str(path)) as slide:
-                return slide_io.read_patches(slide, coords, patch_level0_px, level, 96, read_threads=read_threads)
+                return slide_io.read_patches(slide, coords, patch_level0_px, level, 96)
 
-        def baseline() -> np.ndarray:
+        def baseline(filtered: bool = True) -> np.ndarray:
+            """Per patch: read, composite, resize, and (filtered) the filter's measures; then keep bool (K,)
+            from the thresholds, or (not filtered) the patches uint8 (K, 96, 96, 3)."""
             with openslide.OpenSlide(str(path)) as slide:
                 crop_px = round(patch_level0_px / slide.level_downsamples[level])
-                out = np.empty((n_patches, 96, 96, 3), np.uint8)
+                patches, measures = np.empty((n_patches, 96, 96, 3), np.uint8), np.empty((n_patches, 5))
                 for i, (x, y) in enumerate(coords):
                     rgba = np.asarray(slide.read_region((int(x), int(y)), level, (crop_px, crop_px)))
                     alpha = rgba[..., 3:4].astype(np.uint16)
                     rgb = ((rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
-                    out[i] = cv2.resize(rgb, (96, 96), interpolation=cv2.INTER_AREA)
-                return out
+                    patches[i] = cv2.resize(rgb, (96, 96), interpolation=cv2.INTER_AREA)
+                    if filtered:
+                        measures[i] = _measures_one(patches[i], quality["blur_sigma_px"])
+                return filters.keep_from_means(measures, **quality)[0] if filtered else patches
 
-        difference = int(np.abs(ours_read().astype(np.int16) - baseline().astype(np.int16)).max())
+        agree = float((baseline() == expected_keep).mean())
+        difference = int(np.abs(ours_read().astype(np.int16) - baseline(False).astype(np.int16)).max())
         ours_rate, baseline_rate = compare(ours, n_patches, baseline, n_patches, settings)
-        read_rate, read_baseline_rate = compare(ours_read, n_patches, baseline, n_patches, settings)
-        one_thread_rate = items_per_second(lambda: ours_read(1), n_patches, settings.seconds)
-        with openslide.OpenSlide(str(path)) as slide:
-            dims = slide.dimensions
-    threads = min(4, len(os.sched_getaffinity(0)))
+        read_rate, read_baseline_rate = compare(ours_read, n_patches, lambda: baseline(False), n_patches, settings)
+        dims = tiled.grid.width_px, tiled.grid.height_px
     read_ratio = read_rate / read_baseline_rate
     return Result(ours_rate, baseline_rate, "patches/s", 2.0,
-                  note=f"tile_slide end to end (thumbnail, {n_patches} patches of {len(rois)} ROIs + negatives, "
-                       f"quality filter; level {level}, {patch_level0_px:.0f} level-0 px -> 96 px, slide {dims[0]} x "
-                       f"{dims[1]}) vs per-patch read_region + composite + INTER_AREA resize of the same "
-                       f"{n_patches} patches; read_patches alone {read_rate:.0f} vs {read_baseline_rate:.0f} "
-                       f"patches/s (x{read_ratio:.2f}), {one_thread_rate:.0f} with 1 read thread ({threads} "
-                       f"by default); max |read_patches - baseline| = {difference} levels",
+                  note=f"tile_slide end to end (thumbnail, grid, {n_patches} patches of {len(rois)} ROIs + negatives, "
+                       f"02's quality filter with the IHC and focus tests; level {level}, {patch_level0_px:.0f} "
+                       f"level-0 px -> 96 px, slide {dims[0]} x {dims[1]}) vs per-patch read_region + composite + "
+                       f"INTER_AREA resize + the same filter's measures computed plainly on each patch, over the same "
+                       f"{n_patches} patches; "
+                       f"keep decisions agree on {agree:.1%}; read_patches alone {read_rate:.0f} vs "
+                       f"{read_baseline_rate:.0f} patches/s (x{read_ratio:.2f}); max |read_patches - baseline| = "
+                       f"{difference} levels",
                   extra={"read_patches_only": round(read_rate, 1), "read_patches_ratio": round(read_ratio, 3),
-                         "read_patches_1_thread": round(one_thread_rate, 1), "read_threads": threads,
-                         "max_abs_diff_levels": difference})
+                         "keep_agreement": agree, "max_abs_diff_levels": difference})
 
 
 def _write_tma_pyramid(path: Path, width: int, height: int, core_px: int, pitch_px: int) -> np.ndarray:

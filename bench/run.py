@@ -44,6 +44,7 @@ BENCHMARKS = {
     "vahadane": ("bench_normalize", "bench_vahadane"),
     "reinhard": ("bench_normalize", "bench_reinhard"),
     "filter": ("bench_data", "bench_filter"),
+    "filter_full": ("bench_data", "bench_filter_full"),
     "tiling": ("bench_data", "bench_tiling"),
     "tiling_full_slide": ("bench_data", "bench_tiling_full_slide"),
     "input_pipeline": ("bench_data", "bench_input_pipeline"),

@@ -77,7 +77,8 @@ TISSUE_OD = 0.3
 BROWN_BLUE_PER_GREEN_OD = 0.8
 _TISSUE_PRODUCT = 256.0**3 * np.exp(-TISSUE_OD)
 _LEVEL = (np.arange(256) + 1.0) / 256.0
-_BROWN_GB = _LEVEL[None, :] < _LEVEL[:, None] ** BROWN_BLUE_PER_GREEN_OD  # [green, blue]: OD_B > k OD_G
+# At green * 256 + blue: OD_B > k OD_G.
+_BROWN_GB = (_LEVEL[None, :] < _LEVEL[:, None] ** BROWN_BLUE_PER_GREEN_OD).ravel()
 # ITU-R BT.601 luma weights (OpenCV's RGB -> grey), for the focus test.
 _GREY_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32) / 255.0
 # Patches per numpy block of the per-pixel tests: float32 OD of 256 patches of 96 px is 28 MB.
@@ -234,11 +235,17 @@ def hsv_means(x, blur_sigma_px: float = 1.0, chunk_size: int = 4096) -> np.ndarr
 
 def _brown_fraction_block(x: np.ndarray) -> np.ndarray:
     # OD_R + OD_G + OD_B > TISSUE_OD  <=>  (R + 1)(G + 1)(B + 1) < 256^3 exp(-TISSUE_OD), in integers;
-    # the brown rule depends on (G, B) alone: a 256 x 256 table.
-    plus_one = x.astype(np.uint32) + 1
-    tissue = plus_one[..., 0] * plus_one[..., 1] * plus_one[..., 2] < _TISSUE_PRODUCT
-    brown = tissue & _BROWN_GB[x[..., 1], x[..., 2]]
-    return brown.sum(axis=(1, 2)) / np.maximum(tissue.sum(axis=(1, 2)), 1)
+    # the brown rule depends on (G, B) alone: one lookup in the flat 256 x 256 table at G * 256 + B
+    # (one index array for np.take, not two fancy indexes).
+    red, green, blue = (x[..., channel] for channel in range(3))
+    product = (red.astype(np.uint32) + 1) * (green.astype(np.uint32) + 1)
+    product *= blue.astype(np.uint32) + 1
+    tissue = product < _TISSUE_PRODUCT
+    index = green.astype(np.uint16) << 8
+    index |= blue
+    brown = np.take(_BROWN_GB, index)
+    brown &= tissue
+    return np.count_nonzero(brown, axis=(1, 2)) / np.maximum(np.count_nonzero(tissue, axis=(1, 2)), 1)
 
 
 def _laplacian_var_block(x: np.ndarray) -> np.ndarray:
