@@ -67,27 +67,36 @@ def _measures_one(patch: np.ndarray, blur_sigma_px: float) -> np.ndarray:
                            [brown.sum() / max(tissue.sum(), 1), laplacian.var()]])
 
 
+def _filter_vs_per_patch(settings: Settings, thresholds: dict, measure_one) -> tuple[float, float, float, np.ndarray,
+                                                                                     np.ndarray, int]:
+    """``filter_patches`` on real patches vs ``measure_one(patch, blur_sigma_px)`` per patch and the same
+    thresholds. Returns ours and the baseline's patches/s, the share of equal keep decisions, the baseline's
+    subset, its measures (the columns of ``MEASURES`` it computes) and the patches ours ran on."""
+    patches = real_patches(512 if settings.quick else 4096)
+    subset = patches[:64 if settings.quick else 512]
+
+    def baseline_measures() -> np.ndarray:
+        return np.stack([measure_one(p, thresholds["blur_sigma_px"]) for p in subset])
+
+    def baseline() -> np.ndarray:
+        return filters.keep_from_means(baseline_measures(), **thresholds)[0]
+
+    ours_rate, baseline_rate = compare(lambda: filters.filter_patches(patches, **thresholds), len(patches),
+                                       baseline, len(subset), settings)
+    agree = float((filters.filter_patches(subset, **thresholds)[0] == baseline()).mean())
+    return ours_rate, baseline_rate, agree, subset, baseline_measures(), len(patches)
+
+
 def bench_filter(settings: Settings) -> Result:
     """01's filter: batched ``filter_patches`` vs per-patch OpenCV, same thresholds, same patches."""
     # The baseline computes the HSV means only, so both sides run the HSV tests alone.
     thresholds = {k: v for k, v in filters.DEFAULT_THRESHOLDS.items() if k not in ("max_brown_fraction",
                                                                                     "min_laplacian_var")}
-    patches = real_patches(512 if settings.quick else 4096)
-    subset = patches[:64 if settings.quick else 512]
-
-    def baseline_means() -> np.ndarray:
-        return np.stack([_hsv_means_one(p, thresholds["blur_sigma_px"]) for p in subset])
-
-    def baseline() -> np.ndarray:
-        return filters.keep_from_means(baseline_means(), **thresholds)[0]
-
-    ours_rate, baseline_rate = compare(lambda: filters.filter_patches(patches, **thresholds), len(patches),
-                                       baseline, len(subset), settings)
-    agree = float((filters.filter_patches(subset, **thresholds)[0] == baseline()).mean())
-    difference = np.abs(filters.hsv_means(subset, thresholds["blur_sigma_px"]) - baseline_means())
+    ours_rate, baseline_rate, agree, subset, theirs, n = _filter_vs_per_patch(settings, thresholds, _hsv_means_one)
+    difference = np.abs(filters.hsv_means(subset, thresholds["blur_sigma_px"]) - theirs)
     difference[:, 0] = np.minimum(difference[:, 0], 1 - difference[:, 0])  # hue is circular
     return Result(ours_rate, baseline_rate, "patches/s", 2.0,
-                  note=f"{len(patches)} real H&E patches vs {len(subset)} one by one (GaussianBlur + cvtColor "
+                  note=f"{n} real H&E patches vs {len(subset)} one by one (GaussianBlur + cvtColor "
                        f"per patch); ours on {cv2.getNumThreads()} OpenCV threads; keep decisions agree on "
                        f"{agree:.1%}; max |mean H, S, V ours - baseline| = {difference.max():.1e}",
                   extra={"max_abs_diff_means": float(f"{difference.max():.3g}")})
@@ -96,21 +105,10 @@ def bench_filter(settings: Settings) -> Result:
 def bench_filter_full(settings: Settings) -> Result:
     """01's whole default filter (HSV means, brown pixels, focus) batched vs the same measures per patch."""
     thresholds = filters.DEFAULT_THRESHOLDS
-    patches = real_patches(512 if settings.quick else 4096)
-    subset = patches[:64 if settings.quick else 512]
-
-    def baseline_measures() -> np.ndarray:
-        return np.stack([_measures_one(p, thresholds["blur_sigma_px"]) for p in subset])
-
-    def baseline() -> np.ndarray:
-        return filters.keep_from_means(baseline_measures(), **thresholds)[0]
-
-    ours_rate, baseline_rate = compare(lambda: filters.filter_patches(patches, **thresholds), len(patches),
-                                       baseline, len(subset), settings)
-    agree = float((filters.filter_patches(subset, **thresholds)[0] == baseline()).mean())
-    difference = np.abs(filters.patch_measures(subset, thresholds["blur_sigma_px"])[:, 3:] - baseline_measures()[:, 3:])
+    ours_rate, baseline_rate, agree, subset, theirs, n = _filter_vs_per_patch(settings, thresholds, _measures_one)
+    difference = np.abs(filters.patch_measures(subset, thresholds["blur_sigma_px"])[:, 3:] - theirs[:, 3:])
     return Result(ours_rate, baseline_rate, "patches/s", 2.0,
-                  note=f"{len(patches)} real H&E patches vs {len(subset)} one by one (_measures_one: GaussianBlur + "
+                  note=f"{n} real H&E patches vs {len(subset)} one by one (_measures_one: GaussianBlur + "
                        f"cvtColor, float64 optical density, cv2.Laplacian per patch); keep decisions agree on "
                        f"{agree:.1%}; max |brown fraction, Laplacian variance ours - baseline| = "
                        f"{difference[:, 0].max():.1e}, {difference[:, 1].max():.1e}",
