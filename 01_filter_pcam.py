@@ -19,7 +19,6 @@ Writes (runs/<run>/01_filter_pcam/):
                                filter_pcam.grid_search_samples train patches: kept fraction per label,
                                precision/recall against filter_pcam.junk_csv when given, and per value the
                                patches just rejected and just kept
-    test_official.h5           the whole official test split, unfiltered (06 scores the PCam benchmark on it)
     summary.json               per split: kept / rejected counts by label and reason, the mean-V
                                distribution of the kept patches, the files read, the meta CSV and `groups`
                                (slide, or unknown without it); `outputs` lists the patch sets this run
@@ -194,45 +193,7 @@ def example_figures(out: Path, split: str, n: int, result: dict, by_reason: dict
 
 # ---------------------------------------------------------------- grid search
 
-# One-threshold-at-a-time sweeps: (config key, end of the range or None, MEASURES column, steps). An
-# additive step for measures on 0..1, a factor for the Laplacian variance (it spans decades).
-SWEEPS = (("saturation_range", 0, 1, (-0.04, -0.02, 0.02, 0.04)),
-          ("saturation_range", 1, 1, (-0.04, -0.02, 0.02, 0.04)),
-          ("value_range", 0, 2, (-0.1, -0.05, 0.05, 0.1)),
-          ("value_range", 1, 2, (-0.1, -0.05, 0.05, 0.1)),
-          ("hue_range", 0, 0, (-0.04, -0.02, 0.02, 0.04)),
-          ("hue_range", 1, 0, (-0.02, -0.01, 0.01, 0.02)),
-          ("max_brown_fraction", None, 3, (-0.2, -0.1, 0.1, 0.2)),
-          ("min_laplacian_var", None, 4, (0.25, 0.5, 2.0, 4.0)))
 SWEEP_PER_ROW = 6  # patches on each side of a threshold in the grid_<knob>.png sheets
-
-
-def knob_name(key: str, end: int | None) -> str:
-    if end is None:
-        return key
-    return key.replace("_range", "") + ("_lo" if end == 0 else "_hi")
-
-
-def margin(measures: np.ndarray, key: str, end: int | None, column: int, value: float) -> np.ndarray:
-    """Signed distance of each patch from one threshold, positive on the kept side (hue: circular)."""
-    m = measures[:, column].astype(np.float64)
-    if key == "hue_range":
-        d = m - value if end == 0 else value - m
-        return np.mod(d + 0.5, 1.0) - 0.5
-    return m - value if (end == 0 or key.startswith("min_")) else value - m
-
-
-def with_value(thresholds: dict, key: str, end: int | None, value) -> dict:
-    out = dict(thresholds)
-    if end is None:
-        out[key] = value
-    elif key == "hue_range" and value is None:
-        out[key] = None  # a circular range needs both ends
-    else:
-        bounds = list(thresholds[key])
-        bounds[end] = value
-        out[key] = tuple(bounds)
-    return out
 
 
 def read_junk(path: Path, split: str, n: int) -> np.ndarray:
@@ -269,27 +230,27 @@ def grid_search(cfg: dict, fx, fy, split: str, out: Path, thresholds: dict) -> d
     measures = filters.patch_measures(x, thresholds["blur_sigma_px"])
     candidates, sheets = [dict(thresholds), dict(filters.THESIS_PRESET)], []
     tags = [{"knob": "configured", "value": None}, {"knob": "thesis_preset", "value": None}]
-    for key, end, column, steps in SWEEPS:
+    for key, end, column, steps in filter_search.SWEEPS:
         current = thresholds[key] if end is None or thresholds[key] is None else thresholds[key][end]
         if current is None:
             continue  # this limit is off: nothing to sweep around
         values = sorted({round(current * s if key.startswith("min_") else float(np.clip(current + s, 0, 1)), 6)
                          for s in steps} | {current})
-        eligible, _ = filters.keep_from_means(measures, **with_value(thresholds, key, end, None))
+        eligible, _ = filters.keep_from_means(measures, **filter_search.with_value(thresholds, key, end, None))
         rows = []
         for value in values:
-            candidate = with_value(thresholds, key, end, value)
+            candidate = filter_search.with_value(thresholds, key, end, value)
             candidates.append(candidate)
-            tags.append({"knob": knob_name(key, end), "value": value})
-            distance = margin(measures, key, end, column, value)
+            tags.append({"knob": filter_search.knob_name(key, end), "value": value})
+            distance = filter_search.margin(measures, key, end, column, value)
             inside, outside = filter_search.borderline(distance, eligible, SWEEP_PER_ROW)
             kept = filters.keep_from_means(measures, **candidate)[0].mean()
             mark = " (configured)" if value == current else ""
-            rows.append((f"{knob_name(key, end)} = {value:g}{mark}: {kept:.1%} of the sample kept",
+            rows.append((f"{filter_search.knob_name(key, end)} = {value:g}{mark}: {kept:.1%} of the sample kept",
                          x[outside], x[inside]))
         sheets.append(plots.threshold_sheet(
-            out / f"grid_{knob_name(key, end)}.png",
-            f"01 · grid search on {len(index)} PCam {split} patches: {knob_name(key, end)} "
+            out / f"grid_{filter_search.knob_name(key, end)}.png",
+            f"01 · grid search on {len(index)} PCam {split} patches: {filter_search.knob_name(key, end)} "
             "(others as configured)", rows))
     results = [{**tag, **row} for tag, row in
                zip(tags, filter_search.grid_search(measures, candidates, labels=y, is_junk=is_junk), strict=True)]

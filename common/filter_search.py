@@ -1,7 +1,8 @@
-"""Choosing quality-filter thresholds (01's ``filter_pcam.grid_search``): score candidate thresholds on a
-sample, and find the patches just either side of one threshold for contact sheets.
+"""Choosing quality-filter thresholds (01's ``filter_pcam.grid_search``): sweep each threshold alone
+(``SWEEPS``, ``with_value``), score candidate thresholds on a sample (``grid_search``), and find the
+patches just either side of one threshold for contact sheets (``margin``, ``borderline``).
 
-Both work on precomputed measures (``common.filters.patch_measures``), so sweeping many candidates
+All work on precomputed measures (``common.filters.patch_measures``), so sweeping many candidates
 costs one pass over the pixels.
 
 Usage:
@@ -15,13 +16,55 @@ import numpy as np
 
 from common.filters import FilterError, keep_from_means
 
+# One-threshold-at-a-time sweeps: (config key, end of the range or None, MEASURES column, steps). An
+# additive step for measures on 0..1, a factor for the Laplacian variance (it spans decades).
+SWEEPS = (("saturation_range", 0, 1, (-0.04, -0.02, 0.02, 0.04)),
+          ("saturation_range", 1, 1, (-0.04, -0.02, 0.02, 0.04)),
+          ("value_range", 0, 2, (-0.1, -0.05, 0.05, 0.1)),
+          ("value_range", 1, 2, (-0.1, -0.05, 0.05, 0.1)),
+          ("hue_range", 0, 0, (-0.04, -0.02, 0.02, 0.04)),
+          ("hue_range", 1, 0, (-0.02, -0.01, 0.01, 0.02)),
+          ("max_brown_fraction", None, 3, (-0.2, -0.1, 0.1, 0.2)),
+          ("min_laplacian_var", None, 4, (0.25, 0.5, 2.0, 4.0)))
 
-def borderline(margin: np.ndarray, eligible: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+
+def knob_name(key: str, end: int | None) -> str:
+    """A threshold's name in file names and tables: the config key, or e.g. ``saturation_lo`` for one end."""
+    if end is None:
+        return key
+    return key.replace("_range", "") + ("_lo" if end == 0 else "_hi")
+
+
+def margin(measures: np.ndarray, key: str, end: int | None, column: int, value: float) -> np.ndarray:
+    """Signed distance of each patch from one threshold, positive on the kept side (hue: circular)."""
+    m = measures[:, column].astype(np.float64)
+    if key == "hue_range":
+        d = m - value if end == 0 else value - m
+        return np.mod(d + 0.5, 1.0) - 0.5
+    return m - value if (end == 0 or key.startswith("min_")) else value - m
+
+
+def with_value(thresholds: dict, key: str, end: int | None, value) -> dict:
+    """A copy of ``thresholds`` with one threshold (``key``, or one ``end`` of its range) set to ``value``;
+    None switches it off (both ends of the circular hue range together)."""
+    out = dict(thresholds)
+    if end is None:
+        out[key] = value
+    elif key == "hue_range" and value is None:
+        out[key] = None  # a circular range needs both ends
+    else:
+        bounds = list(thresholds[key])
+        bounds[end] = value
+        out[key] = tuple(bounds)
+    return out
+
+
+def borderline(distance: np.ndarray, eligible: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Patches just inside and just outside one threshold, for choosing it by eye.
 
     Args:
-        margin: float (N,), signed distance of each patch's measure from the threshold, positive on the
-            kept side (e.g. saturation - floor, or ceiling - brown fraction).
+        distance: float (N,), signed distance of each patch's measure from the threshold (``margin``),
+            positive on the kept side (e.g. saturation - floor, or ceiling - brown fraction).
         eligible: bool (N,), the patches that pass every other test (so this threshold alone decides).
         k: patches per side.
 
@@ -30,9 +73,9 @@ def borderline(margin: np.ndarray, eligible: np.ndarray, k: int) -> tuple[np.nda
         outside: int (<= k,) indices of eligible rejected patches, nearest first.
     """
     index = np.flatnonzero(eligible)
-    inside, outside = index[margin[index] >= 0], index[margin[index] < 0]
-    return (inside[np.argsort(margin[inside], kind="stable")[:k]],
-            outside[np.argsort(-margin[outside], kind="stable")[:k]])
+    inside, outside = index[distance[index] >= 0], index[distance[index] < 0]
+    return (inside[np.argsort(distance[inside], kind="stable")[:k]],
+            outside[np.argsort(-distance[outside], kind="stable")[:k]])
 
 
 def grid_search(measures: np.ndarray, candidates: list[dict], labels: np.ndarray | None = None,

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from common.filter_search import borderline, grid_search
+from common.filter_search import borderline, grid_search, knob_name, margin, with_value
 from common.filters import (
     DEFAULT_THRESHOLDS,
     DLBCL_QUALITY,
@@ -404,10 +404,29 @@ def test_thresholds_from_config_and_brightness_summary():
 
 
 def test_borderline_picks_the_nearest_on_each_side():
-    margin = np.array([0.3, -0.1, 0.05, -0.4, 0.01, -0.02, 0.2])
+    distance = np.array([0.3, -0.1, 0.05, -0.4, 0.01, -0.02, 0.2])
     eligible = np.array([True, True, True, True, True, True, False])
-    inside, outside = borderline(margin, eligible, 2)
+    inside, outside = borderline(distance, eligible, 2)
     assert list(inside) == [4, 2] and list(outside) == [5, 1]
+
+
+def test_sweep_margins_and_values_by_hand():
+    #                   hue   sat   val  brown  lap
+    measures = np.array([[0.98, 0.10, 0.50, 0.30, 0.002],
+                         [0.62, 0.05, 0.90, 0.60, 0.001]])
+    np.testing.assert_allclose(margin(measures, "saturation_range", 0, 1, 0.06), [0.04, -0.01])
+    np.testing.assert_allclose(margin(measures, "value_range", 1, 2, 0.8), [0.3, -0.1])
+    np.testing.assert_allclose(margin(measures, "max_brown_fraction", None, 3, 0.45), [0.15, -0.15])
+    np.testing.assert_allclose(margin(measures, "min_laplacian_var", None, 4, 0.0014), [0.0006, -0.0004])
+    # hue is circular: 0.98 lies 0.03 below a ceiling of 0.01 (through 0), 0.62 is 0.02 above a floor of 0.60
+    np.testing.assert_allclose(margin(measures, "hue_range", 1, 0, 0.01), [0.03, 0.39])
+    np.testing.assert_allclose(margin(measures, "hue_range", 0, 0, 0.60), [0.38, 0.02])
+    t = DEFAULT_THRESHOLDS
+    assert with_value(t, "saturation_range", 0, 0.1)["saturation_range"] == (0.1, None)
+    assert with_value(t, "min_laplacian_var", None, None)["min_laplacian_var"] is None
+    assert with_value(t, "hue_range", 1, None)["hue_range"] is None and t["hue_range"] == (0.60, 0.975)
+    assert [knob_name("value_range", 0), knob_name("value_range", 1), knob_name("max_brown_fraction", None)] \
+        == ["value_lo", "value_hi", "max_brown_fraction"]
 
 
 def test_dab_restaining_is_brown_and_he_is_violet_to_red(real_sets):
