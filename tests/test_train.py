@@ -223,6 +223,7 @@ def test_a_stop_inside_an_epoch_resumes_exactly(run_config: Path, monkeypatch, c
 
     # SIGTERM (what a scheduler sends) while step 5 (epoch 2, batch 2) runs: checkpoint after it, exit 143
     signalled = [*cfg, "--set", "train.experiment=signalled"]
+    sigterm_before = signal.getsignal(signal.SIGTERM)
     with monkeypatch.context() as m:
         stop_at_step(m, 5, lambda: signal.raise_signal(signal.SIGTERM))
         assert train.main(signalled) == 128 + signal.SIGTERM
@@ -235,7 +236,7 @@ def test_a_stop_inside_an_epoch_resumes_exactly(run_config: Path, monkeypatch, c
     assert stopped["epoch"] == 1 and stopped["in_epoch"]["step"] == 2
     assert stopped["checkpoint_id"] == f"{stopped['run_id']}-epoch1-step2"
     assert not (runs / "signalled" / "summary.json").exists()  # 06 must not take it for finished
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+    assert signal.getsignal(signal.SIGTERM) == sigterm_before  # the handlers are put back
     assert train.main([*signalled, "--set", "train.resume=auto"]) == 0
     assert "resumed after epoch 1, 2 batches into epoch 2" in capsys.readouterr().out
     assert_same_training(runs / "whole", runs / "signalled")
