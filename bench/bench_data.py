@@ -83,8 +83,10 @@ def _filter_vs_per_patch(settings: Settings, thresholds: dict, measure_one) -> t
 
     ours_rate, baseline_rate = compare(lambda: filters.filter_patches(patches, **thresholds), len(patches),
                                        baseline, len(subset), settings)
-    agree = float((filters.filter_patches(subset, **thresholds)[0] == baseline()).mean())
-    return ours_rate, baseline_rate, agree, subset, baseline_measures(), len(patches)
+    theirs = baseline_measures()
+    theirs_keep = filters.keep_from_means(theirs, **thresholds)[0]
+    agree = float((filters.filter_patches(subset, **thresholds)[0] == theirs_keep).mean())
+    return ours_rate, baseline_rate, agree, subset, theirs, len(patches)
 
 
 def bench_filter(settings: Settings) -> Result:
@@ -155,25 +157,29 @@ def bench_tiling(settings: Settings) -> Result:
             with openslide.OpenSlide(str(path)) as slide:
                 return slide_io.read_patches(slide, coords, patch_level0_px, level, 96)
 
-        def baseline(filtered: bool = True) -> np.ndarray:
-            """Per patch: read, composite, resize, and (filtered) the filter's measures; then keep bool (K,)
-            from the thresholds, or (not filtered) the patches uint8 (K, 96, 96, 3)."""
+        def read_one_by_one(slide: openslide.OpenSlide):
+            """Per patch: one read_region, composite on white, INTER_AREA resize; uint8 (96, 96, 3) each."""
+            crop_px = round(patch_level0_px / slide.level_downsamples[level])
+            for x, y in coords:
+                rgba = np.asarray(slide.read_region((int(x), int(y)), level, (crop_px, crop_px)))
+                alpha = rgba[..., 3:4].astype(np.uint16)
+                rgb = ((rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+                yield cv2.resize(rgb, (96, 96), interpolation=cv2.INTER_AREA)
+
+        def baseline_read() -> np.ndarray:
             with openslide.OpenSlide(str(path)) as slide:
-                crop_px = round(patch_level0_px / slide.level_downsamples[level])
-                patches, measures = np.empty((n_patches, 96, 96, 3), np.uint8), np.empty((n_patches, 5))
-                for i, (x, y) in enumerate(coords):
-                    rgba = np.asarray(slide.read_region((int(x), int(y)), level, (crop_px, crop_px)))
-                    alpha = rgba[..., 3:4].astype(np.uint16)
-                    rgb = ((rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
-                    patches[i] = cv2.resize(rgb, (96, 96), interpolation=cv2.INTER_AREA)
-                    if filtered:
-                        measures[i] = _measures_one(patches[i], quality["blur_sigma_px"])
-                return filters.keep_from_means(measures, **quality)[0] if filtered else patches
+                return np.stack(list(read_one_by_one(slide)))
+
+        def baseline() -> np.ndarray:
+            """keep bool (K,): each patch measured as it is read, the thresholds applied at the end."""
+            with openslide.OpenSlide(str(path)) as slide:
+                measures = np.stack([_measures_one(p, quality["blur_sigma_px"]) for p in read_one_by_one(slide)])
+            return filters.keep_from_means(measures, **quality)[0]
 
         agree = float((baseline() == expected_keep).mean())
-        difference = int(np.abs(ours_read().astype(np.int16) - baseline(False).astype(np.int16)).max())
+        difference = int(np.abs(ours_read().astype(np.int16) - baseline_read().astype(np.int16)).max())
         ours_rate, baseline_rate = compare(ours, n_patches, baseline, n_patches, settings)
-        read_rate, read_baseline_rate = compare(ours_read, n_patches, lambda: baseline(False), n_patches, settings)
+        read_rate, read_baseline_rate = compare(ours_read, n_patches, baseline_read, n_patches, settings)
         dims = tiled.grid.width_px, tiled.grid.height_px
     read_ratio = read_rate / read_baseline_rate
     return Result(ours_rate, baseline_rate, "patches/s", 2.0,

@@ -270,8 +270,8 @@ def tile_slide(path, rois, roi_ids: list[str], groups: list[str], *, target_mpp:
             keep, reason, kept_x, kept_value = read_all(slide, np.concatenate([pos_coords, candidates]), grid,
                                                         max_read_px, quality)
             n_pos_kept = int(keep[:n_pos].sum())
-            pos_keep, pos_reason, pos_x, pos_value = keep[:n_pos], reason[:n_pos], kept_x[:n_pos_kept], \
-                kept_value[:n_pos_kept]
+            pos_keep, pos_reason = keep[:n_pos], reason[:n_pos]
+            pos_x, pos_value = kept_x[:n_pos_kept], kept_value[:n_pos_kept]
             sample = {"kept": np.flatnonzero(keep[n_pos:]), "x": kept_x[n_pos_kept:],
                       "mean_value": kept_value[n_pos_kept:],
                       "rejected": np.flatnonzero(~keep[n_pos:]), "reason": reason[n_pos:][~keep[n_pos:]],
